@@ -1,0 +1,36 @@
+"""Context control: rigid input and output contracts, typed errors, robust output parsing."""
+
+from keelgraph.contracts.contract import Check, CheckContext, Contract, OutputInvalid
+from keelgraph.contracts.errors import (
+    Attempt,
+    ContractError,
+    Failure,
+    InputRejected,
+    KeelgraphError,
+    Problem,
+    RepairExhausted,
+    RunError,
+    UserError,
+    explain,
+)
+from keelgraph.contracts.parsing import ParseError, Parsed, parse_json
+
+__all__ = [
+    "Attempt",
+    "Check",
+    "CheckContext",
+    "Contract",
+    "ContractError",
+    "Failure",
+    "InputRejected",
+    "KeelgraphError",
+    "OutputInvalid",
+    "ParseError",
+    "Parsed",
+    "Problem",
+    "RepairExhausted",
+    "RunError",
+    "UserError",
+    "explain",
+    "parse_json",
+]

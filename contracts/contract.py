@@ -1,0 +1,194 @@
+"""The `Contract`: what a graph accepts, what it must answer, and how hard it may try."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
+
+__all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
+
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class CheckContext(Generic[InT]):
+    """What a semantic check may look at besides the answer."""
+
+    input: InT
+    """The validated request of this turn."""
+    tool_results: Sequence[Mapping[str, Any]] = ()
+    """This turn's successful tool calls: `{"name", "args", "output"}` each."""
+    context: Any = None
+    """The run's `Context` object (user id, knobs), when the graph has one."""
+
+
+CheckResult = str | Iterable[str] | None
+Check = Callable[[OutT, CheckContext[Any]], CheckResult | Awaitable[CheckResult]]
+"""A semantic check: return (or raise `ValueError` with) what is wrong, or None when all is well."""
+
+
+class OutputInvalid(ValueError):
+    """The answer broke the output contract; `problems` is the correction prompt."""
+
+    def __init__(self, problems: list[Problem], kind: str = "output") -> None:
+        self.problems = problems
+        self.kind = kind
+        super().__init__("; ".join(p.line() for p in problems))
+
+
+def _run_sync(awaitable: Awaitable[CheckResult]) -> CheckResult:
+    async def wrap() -> CheckResult:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wrap())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wrap()).result()
+
+
+@dataclass(frozen=True)
+class Contract(Generic[InT, OutT]):
+    """One declaration per graph: input model, output model, semantic checks, repair budget.
+
+    >>> from pydantic import BaseModel, Field
+    >>> class Ask(BaseModel):
+    ...     question: str = Field(min_length=1, max_length=500)
+    >>> class Reply(BaseModel):
+    ...     text: str
+    >>> c = Contract(input=Ask, output=Reply, instructions="Answer briefly.")
+    >>> c.parse_output('{"text": "hi"}').text
+    'hi'
+    """
+
+    input: type[InT]
+    output: type[OutT]
+    instructions: str
+    checks: Sequence[Check[OutT]] = ()
+    repair_budget: int = 3
+    """Failed attempts (bad output, failed check, bad tool call) tolerated in one turn."""
+    max_request_chars: int = 20_000
+    """Requests longer than this (as JSON text) are rejected before parsing."""
+    render: Callable[[InT], str] | None = None
+    """How a validated request is shown to the model; JSON of its fields by default."""
+    name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        for role, model in (("input", self.input), ("output", self.output)):
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                raise ContractError(
+                    f"Contract {role} must be a Pydantic BaseModel subclass, got {model!r}"
+                )
+        if not self.instructions.strip():
+            raise ContractError("Contract instructions are empty: tell the model its job")
+        if not 0 <= self.repair_budget <= 20:
+            raise ContractError(f"repair_budget must be between 0 and 20, got {self.repair_budget}")
+        for check in self.checks:
+            if not callable(check):
+                raise ContractError(f"Contract check {check!r} is not callable")
+        try:
+            self.output.model_json_schema()
+            self.input.model_json_schema()
+        except Exception as exc:
+            raise ContractError(f"Contract models must have a JSON schema: {exc}") from exc
+
+    # -- input ---------------------------------------------------------------------------------
+
+    def parse_input(self, raw: Any) -> InT:
+        """Validate a request (a dict, or JSON text); raise `InputRejected` naming each fix."""
+        fields = ", ".join(self.input.model_fields)
+        example = "{" + ", ".join(f'"{f}": ...' for f in self.input.model_fields) + "}"
+        if raw is None:
+            raise InputRejected(
+                [Problem(field="request", reason="no request was sent", fix=f"send {example}")]
+            )
+        if isinstance(raw, (bytes, bytearray)):
+            raw = raw.decode("utf-8", errors="replace")
+        if isinstance(raw, str):
+            if len(raw) > self.max_request_chars:
+                raise InputRejected([self._oversize(len(raw))])
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InputRejected(
+                    [
+                        Problem(
+                            field="request",
+                            reason=f"the body is not valid JSON ({exc.msg} at column {exc.colno})",
+                            fix=f"send a JSON object like {example}",
+                        )
+                    ]
+                ) from None
+        if not isinstance(raw, Mapping):
+            raise InputRejected(
+                [
+                    Problem(
+                        field="request",
+                        reason=f"expected a JSON object with fields {fields}, got {type(raw).__name__}",
+                        fix=f"send {example}",
+                    )
+                ]
+            )
+        size = len(json.dumps(raw, default=str))
+        if size > self.max_request_chars:
+            raise InputRejected([self._oversize(size)])
+        try:
+            return self.input.model_validate(raw)
+        except ValidationError as exc:
+            raise InputRejected(explain(exc, model=self.input)) from None
+
+    def _oversize(self, size: int) -> Problem:
+        return Problem(
+            field="request",
+            reason=f"the request is {size} characters, over the limit of {self.max_request_chars}",
+            fix="shorten the message or split it into several requests",
+        )
+
+    def render_input(self, value: InT) -> str:
+        if self.render is not None:
+            return self.render(value)
+        return value.model_dump_json()
+
+    # -- output --------------------------------------------------------------------------------
+
+    def output_schema(self) -> dict[str, Any]:
+        return self.output.model_json_schema()
+
+    def parse_output(self, value: Any) -> OutT:
+        """Validate an answer (dict or JSON text) against the output model; raise `OutputInvalid`."""
+        try:
+            if isinstance(value, str):
+                return self.output.model_validate_json(value)
+            return self.output.model_validate(value)
+        except ValidationError as exc:
+            raise OutputInvalid(explain(exc, prefix="answer", model=self.output)) from None
+
+    def run_checks(self, output: OutT, ctx: CheckContext[InT]) -> list[Problem]:
+        """Run every semantic check; each complaint becomes a `Problem` (the correction prompt)."""
+        problems: list[Problem] = []
+        for check in self.checks:
+            name = getattr(check, "__name__", type(check).__name__)
+            try:
+                result = check(output, ctx)
+                if inspect.isawaitable(result):
+                    result = _run_sync(result)
+            except ValueError as exc:
+                result = str(exc)
+            if result is None:
+                continue
+            for message in [result] if isinstance(result, str) else list(result):
+                problems.append(
+                    Problem(field=f"answer ({name})", reason=message, fix="correct the answer")
+                )
+        return problems

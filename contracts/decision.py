@@ -1,0 +1,154 @@
+"""The one decision a model makes per step: call a tool, or give the final answer."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keelgraph.contracts.errors import Problem
+
+__all__ = [
+    "ANSWER",
+    "AnswerChoice",
+    "DecisionError",
+    "ToolChoice",
+    "decision_schema",
+    "inline_refs",
+    "read_decision",
+]
+
+ANSWER = "final_answer"
+"""The action name of the final answer, next to the tools' names."""
+
+_ARG_KEYS = ("args", "arguments", "parameters", "input")
+_NAME_KEYS = ("action", "name", "tool", "function")
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    name: str
+    args: dict[str, Any]
+    recoveries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AnswerChoice:
+    answer: Any
+    recoveries: tuple[str, ...] = field(default_factory=tuple)
+
+
+class DecisionError(ValueError):
+    def __init__(self, problem: Problem, kind: str = "parse") -> None:
+        self.problem = problem
+        self.kind = kind
+        super().__init__(problem.line())
+
+
+def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolve local `$ref`s and drop titles: grammar compilers and small models both prefer it."""
+    defs = dict(schema.get("$defs", {}))
+
+    def walk(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                name = ref.removeprefix("#/$defs/")
+                if name in seen:
+                    return {"type": "object"}
+                target = walk(copy.deepcopy(defs[name]), (*seen, name))
+                extra = {k: walk(v, seen) for k, v in node.items() if k != "$ref"}
+                return {**target, **extra}
+            return {k: walk(v, seen) for k, v in node.items() if k not in {"$defs", "title"}}
+        if isinstance(node, list):
+            return [walk(v, seen) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(dict(schema), ())
+    return result
+
+
+def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """JSON schema of one step: `{"action": <tool>, "args": {...}}` or the final answer.
+
+    With no tools allowed it is the answer alone, so a grammar-constrained model cannot call one.
+    """
+    options: list[dict[str, Any]] = [
+        {
+            "type": "object",
+            "properties": {"action": {"const": name}, "args": inline_refs(args)},
+            "required": ["action", "args"],
+        }
+        for name, args in tools.items()
+    ]
+    options.append(
+        {
+            "type": "object",
+            "properties": {"action": {"const": ANSWER}, "answer": inline_refs(answer)},
+            "required": ["action", "answer"],
+        }
+    )
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def read_decision(value: Any, tool_names: Mapping[str, Any] | frozenset[str] | set[str]) -> ToolChoice | AnswerChoice:
+    """Read a parsed JSON value as a decision, accepting the shapes models actually write.
+
+    Accepted: our envelope, OpenAI-style `{"name", "arguments"}` written as text, and a bare answer
+    object. An unknown tool name is a `DecisionError` naming the tools that exist.
+    """
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, dict):
+        raise DecisionError(
+            Problem(
+                field="(root)",
+                reason=f"expected a JSON object, got {type(value).__name__}",
+                fix='reply with {"action": ..., ...}',
+            )
+        )
+    name_key = next((k for k in _NAME_KEYS if isinstance(value.get(k), str)), None)
+    if name_key is None:
+        return AnswerChoice(value, ("answer written without the envelope",))
+    name = value[name_key]
+    if isinstance(name, str) and name == ANSWER:
+        if "answer" in value:
+            return AnswerChoice(value["answer"])
+        rest = {k: v for k, v in value.items() if k != name_key}
+        return AnswerChoice(rest, ("answer fields written beside the action",))
+    arg_key = next((k for k in _ARG_KEYS if k in value), None)
+    if name not in tool_names:
+        if arg_key is None and "answer" not in value:
+            # An output model may itself have a field called "name" or "action".
+            return AnswerChoice(value, ("answer written without the envelope",))
+        allowed = ", ".join([*sorted(tool_names), ANSWER])
+        raise DecisionError(
+            Problem(
+                field="action",
+                reason=f"there is no tool named {name!r}",
+                fix=f"use one of: {allowed}",
+            ),
+            kind="unknown_tool",
+        )
+    args = value.get(arg_key) if arg_key else {}
+    recoveries: tuple[str, ...] = ()
+    if name_key != "action" or arg_key != "args":
+        recoveries = ("tool call written in another format",)
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+            recoveries = (*recoveries, "arguments were a JSON string")
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(args, dict):
+        raise DecisionError(
+            Problem(
+                field="args",
+                reason=f"arguments of {name!r} must be a JSON object",
+                fix="send the arguments as an object of named fields",
+            ),
+            kind="tool_args",
+        )
+    return ToolChoice(name, args, recoveries)

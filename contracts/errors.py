@@ -1,0 +1,208 @@
+"""Typed errors, grouped by who must act: the caller, the model, or the developer."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "Attempt",
+    "ContractError",
+    "Failure",
+    "InputRejected",
+    "KeelgraphError",
+    "Problem",
+    "RepairExhausted",
+    "RunError",
+    "UserError",
+    "explain",
+]
+
+
+class Problem(BaseModel):
+    """One thing that was wrong: where, why, and what to do about it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    field: str
+    """Dotted path of the offending field (`(root)` for the whole value)."""
+    reason: str
+    """What was wrong, in plain words."""
+    fix: str
+    """What to send instead."""
+
+    def line(self) -> str:
+        return f"{self.field}: {self.reason} -> {self.fix}"
+
+
+AttemptKind = Literal["output", "check", "parse", "tool_args", "unknown_tool", "repeated_call"]
+
+
+class Attempt(BaseModel):
+    """One failed try of the model inside a turn, kept so a failure can be audited."""
+
+    number: int
+    kind: AttemptKind
+    raw: str
+    """What the model wrote, verbatim (truncated to 4,000 characters)."""
+    problems: list[Problem]
+
+
+class Failure(BaseModel):
+    """A run's typed failure as plain data: stored in the thread and returned over HTTP."""
+
+    type: Literal["InputRejected", "RepairExhausted"]
+    code: str
+    message: str
+    problems: list[Problem] = Field(default_factory=list)
+    attempts: list[Attempt] = Field(default_factory=list)
+    usage: dict[str, int] = Field(default_factory=dict)
+
+    def to_exception(self) -> RunError:
+        if self.type == "InputRejected":
+            return InputRejected(self.problems)
+        return RepairExhausted(self.attempts, usage=self.usage, message=self.message)
+
+
+class KeelgraphError(Exception):
+    """Base of every keelgraph error; `code` is stable and safe to match on."""
+
+    code: ClassVar[str] = "keelgraph_error"
+
+
+class UserError(KeelgraphError):
+    """The developer's mistake (a misconfigured contract, tool or graph): fix the code."""
+
+    code = "user_error"
+
+
+class ContractError(UserError):
+    """A contract that cannot work, caught when it is declared rather than at run time."""
+
+    code = "contract_misconfigured"
+
+
+class RunError(KeelgraphError):
+    """A run ended without a valid answer; `failure` holds the same facts as data."""
+
+    code = "run_error"
+
+    def to_failure(self) -> Failure:
+        raise NotImplementedError
+
+
+class InputRejected(RunError):
+    """The caller's request broke the input contract. Fix the request and send it again.
+
+    >>> InputRejected([Problem(field="message", reason="is empty", fix="write a message")]).code
+    'input_rejected'
+    """
+
+    code = "input_rejected"
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        lines = "; ".join(p.line() for p in self.problems)
+        super().__init__(f"request rejected: {lines}")
+
+    def to_failure(self) -> Failure:
+        return Failure(
+            type="InputRejected", code=self.code, message=str(self), problems=self.problems
+        )
+
+
+class RepairExhausted(RunError):
+    """The model kept breaking the output contract until the repair budget ran out.
+
+    `attempts` has every failed try with its raw output and errors; `usage` is what was spent.
+    Raise the budget, strengthen the prompt, or use a stronger model.
+    """
+
+    code = "repair_exhausted"
+
+    def __init__(
+        self, attempts: list[Attempt], *, usage: dict[str, int] | None = None, message: str = ""
+    ) -> None:
+        self.attempts = list(attempts)
+        self.usage = dict(usage or {})
+        self.last_raw = self.attempts[-1].raw if self.attempts else ""
+        super().__init__(
+            message
+            or f"no valid answer after {len(self.attempts)} failed attempt(s); last problems: "
+            + "; ".join(p.line() for p in (self.attempts[-1].problems if self.attempts else []))
+        )
+
+    def to_failure(self) -> Failure:
+        return Failure(
+            type="RepairExhausted",
+            code=self.code,
+            message=str(self),
+            problems=self.attempts[-1].problems if self.attempts else [],
+            attempts=self.attempts,
+            usage=self.usage,
+        )
+
+
+def _field(loc: tuple[int | str, ...], prefix: str) -> str:
+    parts = [str(p) for p in loc]
+    path = ".".join(parts)
+    if prefix:
+        return f"{prefix}.{path}" if path else prefix
+    return path or "(root)"
+
+
+def _fix(err: Any, allowed: list[str]) -> str:
+    kind: str = err["type"]
+    ctx: dict[str, Any] = err.get("ctx") or {}
+    name = str(err["loc"][-1]) if err["loc"] else "value"
+    if kind == "missing":
+        return f"add the required field `{name}`"
+    if kind == "extra_forbidden":
+        hint = f"; allowed fields: {', '.join(allowed)}" if allowed else ""
+        return f"remove `{name}`{hint}"
+    if kind == "string_too_short":
+        return f"send at least {ctx.get('min_length', 1)} character(s) of text"
+    if kind == "string_too_long":
+        return f"shorten it to at most {ctx.get('max_length')} characters"
+    if kind in {"too_short", "too_long"}:
+        return f"send a list with {err['msg'].split('should have ', 1)[-1].split(' after')[0]}"
+    if kind.startswith("int_") or kind == "int_type":
+        return "send a whole number, for example 42"
+    if kind.startswith("float_") or kind.startswith("decimal_"):
+        return "send a number, for example 12.5"
+    if kind.startswith("bool_"):
+        return "send true or false"
+    if kind in {"string_type", "string_unicode"}:
+        return "send text in double quotes"
+    if kind in {"dict_type", "model_type", "model_attributes_type"}:
+        return "send a JSON object ({...})"
+    if kind in {"list_type", "tuple_type", "set_type"}:
+        return "send a JSON list ([...])"
+    if kind in {"literal_error", "enum"}:
+        return f"use one of: {ctx.get('expected', '')}".rstrip(": ")
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        return f"send a number that {err['msg'].lower().removeprefix('input ')}"
+    if kind == "string_pattern_mismatch":
+        return f"match the pattern {ctx.get('pattern')}"
+    if kind in {"value_error", "assertion_error"}:
+        return "correct the value as the reason says"
+    return f"correct the value ({err['msg']})"
+
+
+def explain(error: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None) -> list[Problem]:
+    """Turn a Pydantic `ValidationError` into `Problem`s that name the field and the fix.
+
+    The same text serves as the caller's error message and as the model's correction prompt.
+    """
+    allowed = list(model.model_fields) if model is not None else []
+    problems: list[Problem] = []
+    for err in error.errors(include_url=False):
+        reason = err["msg"]
+        if err["type"] not in {"missing", "extra_forbidden"} and "input" in err:
+            shown = repr(err["input"])
+            reason = f"{reason} (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
+        problems.append(
+            Problem(field=_field(err["loc"], prefix), reason=reason, fix=_fix(err, allowed))
+        )
+    return problems

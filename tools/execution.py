@@ -1,0 +1,146 @@
+"""Running one tool call: validated arguments, a deadline, and output fenced as data."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from langchain_core.tools import BaseTool
+from pydantic import BaseModel, ValidationError
+
+from keelgraph.contracts.errors import Problem, explain
+
+__all__ = ["CallOutcome", "SideEffect", "ToolPolicy", "fence", "policy_of", "run_tool_call", "with_policy"]
+
+SideEffect = Literal["read", "write", "external"]
+_POLICY_KEY = "keelgraph_policy"
+
+
+@dataclass(frozen=True)
+class ToolPolicy:
+    """How keelgraph runs a tool. Attach with `with_policy(tool, ...)`."""
+
+    timeout_s: float = 15.0
+    """A call still running after this is abandoned and reported to the model as a failure."""
+    side_effect: SideEffect = "read"
+    """`read` tools may be repeated safely; `write` and `external` ones change the world."""
+    max_output_chars: int = 4_000
+    """Longer results are cut, and the cut is said, so one tool cannot flood the context."""
+    from_input: tuple[str, ...] = ()
+    """Arguments always taken from the validated request (e.g. `customer_id`), whatever the
+    model wrote: the model cannot act for another customer."""
+
+
+def with_policy(tool: BaseTool, **policy: Any) -> BaseTool:
+    """Return `tool` with a keelgraph `ToolPolicy` in its metadata (the tool itself is unchanged).
+
+    >>> from langchain_core.tools import tool
+    >>> @tool
+    ... def ping() -> str:
+    ...     '''Answer pong.'''
+    ...     return "pong"
+    >>> policy_of(with_policy(ping, timeout_s=2)).timeout_s
+    2
+    """
+    base = policy_of(tool)
+    copy = tool.model_copy()
+    copy.metadata = {**(tool.metadata or {}), _POLICY_KEY: replace(base, **policy)}
+    return copy
+
+
+def policy_of(tool: BaseTool) -> ToolPolicy:
+    found = (tool.metadata or {}).get(_POLICY_KEY)
+    return found if isinstance(found, ToolPolicy) else ToolPolicy()
+
+
+@dataclass
+class CallOutcome:
+    """What happened to one tool call; `content` is what the model will read."""
+
+    call_id: str
+    name: str
+    args: dict[str, Any]
+    ok: bool
+    content: str
+    output: Any = None
+    problems: list[Problem] = field(default_factory=list)
+    kind: Literal["ok", "tool_args", "tool_error", "timeout"] = "ok"
+    seconds: float = 0.0
+
+
+def fence(name: str, output: Any, limit: int) -> str:
+    """Label a tool result as untrusted data, capped at `limit` characters."""
+    text = output if isinstance(output, str) else json.dumps(output, default=str, ensure_ascii=False)
+    if len(text) > limit:
+        text = f"{text[:limit]}... [cut: {len(text) - limit} more characters]"
+    return f"<tool_result name={json.dumps(name)}>\n{text}\n</tool_result>"
+
+
+def _validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
+    schema = tool.args_schema
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        try:
+            schema.model_validate(dict(args))
+        except ValidationError as exc:
+            return explain(exc, prefix="args", model=schema)
+    return []
+
+
+def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOutcome:
+    """Validate `args`, run the tool under its deadline, and describe the outcome for the model."""
+    policy = policy_of(tool)
+    problems = _validate_args(tool, args)
+    if problems:
+        lines = "\n".join(f"- {p.line()}" for p in problems)
+        return CallOutcome(
+            call_id,
+            tool.name,
+            args,
+            ok=False,
+            content=f"ERROR: invalid arguments for {tool.name}; nothing was run.\n{lines}",
+            problems=problems,
+            kind="tool_args",
+        )
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["output"] = tool.invoke(args)
+        except Exception as exc:  # a tool's failure is reported to the model, not raised
+            box["error"] = exc
+
+    started = time.perf_counter()
+    # A daemon thread per call: a hung sync tool is abandoned without blocking later calls.
+    worker = threading.Thread(target=target, name=f"keelgraph-tool-{tool.name}", daemon=True)
+    worker.start()
+    worker.join(policy.timeout_s)
+    seconds = time.perf_counter() - started
+    if worker.is_alive():
+        problem = Problem(
+            field=tool.name,
+            reason=f"the tool did not finish within {policy.timeout_s:g} s",
+            fix="answer with what you know, or try a narrower request",
+        )
+        return CallOutcome(
+            call_id, tool.name, args, ok=False, content=f"ERROR: {problem.reason}.",
+            problems=[problem], kind="timeout", seconds=seconds,
+        )
+    if "error" in box:
+        exc = box["error"]
+        problem = Problem(field=tool.name, reason=f"{type(exc).__name__}: {exc}", fix="check the arguments")
+        return CallOutcome(
+            call_id, tool.name, args, ok=False,
+            content=f"ERROR: {tool.name} failed: {type(exc).__name__}: {exc}",
+            problems=[problem], kind="tool_error", seconds=seconds,
+        )
+    output = box.get("output")
+    if isinstance(output, BaseModel):
+        output = output.model_dump(mode="json")
+    return CallOutcome(
+        call_id, tool.name, args, ok=True,
+        content=fence(tool.name, output, policy.max_output_chars), output=output, seconds=seconds,
+    )
