@@ -82,6 +82,9 @@ class Contract(Generic[InT, OutT]):
     """Requests longer than this (as JSON text) are rejected before parsing."""
     render: Callable[[InT], str] | None = None
     """How a validated request is shown to the model; JSON of its fields by default."""
+    derive: Callable[[dict[str, Any], CheckContext[InT]], dict[str, Any]] | None = None
+    """Fill or correct the answer's fields that the system knows for certain (an id returned
+    by a tool, the action that ran) before validation, instead of trusting the model with them."""
     name: str = field(default="")
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "DecisionError",
     "ToolChoice",
     "decision_schema",
+    "grammar_safe",
     "inline_refs",
     "read_decision",
 ]
@@ -70,6 +71,21 @@ def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+_GRAMMAR_UNSAFE = frozenset(
+    {"maxLength", "minLength", "maxItems", "minItems", "pattern", "format", "uniqueItems", "default", "examples"}
+)
+
+
+def grammar_safe(schema: Any) -> Any:
+    """Drop keywords that blow up grammar compilers (a `maxLength` of 1,200 becomes 1,200 nested
+    rules and crashed llama.cpp's server). The contract still enforces them after parsing."""
+    if isinstance(schema, dict):
+        return {k: grammar_safe(v) for k, v in schema.items() if k not in _GRAMMAR_UNSAFE}
+    if isinstance(schema, list):
+        return [grammar_safe(v) for v in schema]
+    return schema
+
+
 def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """JSON schema of one step: `{"action": <tool>, "args": {...}}` or the final answer.
 
@@ -78,7 +94,7 @@ def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, 
     options: list[dict[str, Any]] = [
         {
             "type": "object",
-            "properties": {"action": {"const": name}, "args": inline_refs(args)},
+            "properties": {"action": {"const": name}, "args": grammar_safe(inline_refs(args))},
             "required": ["action", "args"],
         }
         for name, args in tools.items()
@@ -86,7 +102,7 @@ def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, 
     options.append(
         {
             "type": "object",
-            "properties": {"action": {"const": ANSWER}, "answer": inline_refs(answer)},
+            "properties": {"action": {"const": ANSWER}, "answer": grammar_safe(inline_refs(answer))},
             "required": ["action", "answer"],
         }
     )

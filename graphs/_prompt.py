@@ -12,7 +12,7 @@ from langchain_core.tools import BaseTool
 from keelgraph.contracts.decision import ANSWER, inline_refs
 
 Strategy = Literal["json_object", "json_schema", "prompted", "tool_calling"]
-Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step"]
+Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]
 KIND_KEY = "keelgraph"
 
 __all__ = ["KIND_KEY", "Kind", "Strategy", "kind_of", "render", "tagged", "tool_args_schema"]

@@ -32,6 +32,7 @@ from keelgraph.graphs.nodes import (
     validate_input,
 )
 from keelgraph.graphs.state import Context, InputState, OutputState, State
+from keelgraph.tools.execution import policy_of
 
 __all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy"]
 
@@ -91,6 +92,15 @@ def graph_builder(
         raise UserError(f"tool names must be unique, got {names}")
     if ANSWER in names:
         raise UserError(f"{ANSWER!r} is reserved for the final answer; rename that tool")
+    for tool in tools:
+        policy = policy_of(tool)
+        if policy.preload:
+            required = set(tool.get_input_schema().model_json_schema().get("required", []))
+            if not required <= set(policy.from_input) or set(policy.from_input) - set(contract.input.model_fields):
+                raise UserError(
+                    f"preloaded tool {tool.name!r} must take every required argument ({sorted(required)}) "
+                    f"from the request's fields ({sorted(contract.input.model_fields)}) via from_input"
+                )
     if max_tool_rounds < 0:
         raise UserError("max_tool_rounds must be >= 0")
     source: ModelSource = model if model is not None else default_model

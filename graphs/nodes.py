@@ -26,7 +26,7 @@ from keelgraph.contracts.decision import (
 )
 from keelgraph.contracts.errors import Attempt, InputRejected, Problem, RepairExhausted
 from keelgraph.contracts.parsing import ParseError, parse_json
-from keelgraph.graphs._prompt import Strategy, render, system_prompt, tagged, tool_args_schema
+from keelgraph.graphs._prompt import Strategy, kind_of, render, system_prompt, tagged, tool_args_schema
 from keelgraph.graphs.state import Context, State, Stats
 from keelgraph.tools.execution import policy_of, run_tool_call
 
@@ -114,11 +114,25 @@ def validate_input(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         message = tagged(HumanMessage(_as_text(raw)), "rejected")
         return {**reset, "status": "rejected", "error": exc.to_failure().model_dump(), "messages": [message]}
     message = tagged(HumanMessage(spec.contract.render_input(value)), "request")
-    return {**reset, "status": "running", "input": value.model_dump(mode="json"), "messages": [message]}
+    request = value.model_dump(mode="json")
+    messages: list[AnyMessage] = [message]
+    preload = [
+        {"name": name, "args": {k: request[k] for k in policy_of(tool).from_input}, "id": f"pre_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+        for name, tool in spec.tools.items()
+        if policy_of(tool).preload
+    ]
+    if preload:
+        messages.append(tagged(AIMessage("", tool_calls=preload), "preload"))  # type: ignore[arg-type]
+    return {**reset, "status": "running", "input": request, "messages": messages}
 
 
-def route_after_input(state: State) -> Literal["reason", "__end__"]:
-    return "__end__" if state.get("status") == "rejected" else "reason"
+def route_after_input(state: State) -> Literal["act", "reason", "__end__"]:
+    """Rejected requests end here; preloaded tools run before the model is asked."""
+    if state.get("status") == "rejected":
+        return "__end__"
+    messages = state.get("messages", [])
+    last = messages[-1] if messages else None
+    return "act" if isinstance(last, AIMessage) and last.tool_calls else "reason"
 
 
 # -- reason -----------------------------------------------------------------------------------
@@ -128,7 +142,13 @@ def _allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
     if state.get("answer_only") or state.get("tool_rounds", 0) >= spec.max_tool_rounds:
         return []
     used = {entry["name"] for entry in state.get("tool_log", [])}
-    return [t for name, t in spec.tools.items() if spec.allow_repeat_tools or name not in used]
+    request = state.get("input") or {}
+    allowed = []
+    for name, tool in spec.tools.items():
+        gate = policy_of(tool).offer_when
+        if (spec.allow_repeat_tools or name not in used) and (gate is None or gate(request)):
+            allowed.append(tool)
+    return allowed
 
 
 def _bind(model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool]) -> Runnable[LanguageModelInput, BaseMessage]:
@@ -175,7 +195,12 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     allowed = _allowed_tools(state, spec)
     system = system_prompt(spec.contract.instructions, spec.contract.output_schema(), allowed, spec.strategy)
     prompt = render(state.get("messages", []), system, spec.strategy)
-    reply = _bind(spec.chat_model(), spec, allowed).invoke(prompt)
+    bound = _bind(spec.chat_model(), spec, allowed)
+    failures = len(state.get("attempts", []))
+    if failures:
+        # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
+        bound = bound.bind(temperature=min(1.0, 0.3 * failures))
+    reply = bound.invoke(prompt)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
     stats["model_calls"] += 1
@@ -257,6 +282,8 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     tool_log = list(state.get("tool_log", []))
     done = {_key(e["name"], e["args"]): e for e in tool_log}
     allowed = {t.name for t in _allowed_tools(state, spec)}
+    if kind_of(last) == "preload":
+        allowed = {c["name"] for c in last.tool_calls}
     answer_only = bool(state.get("answer_only"))
     replies: list[AnyMessage] = []
     for call in last.tool_calls:
@@ -300,7 +327,7 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         "messages": replies,
         "attempts": attempts,
         "tool_log": tool_log,
-        "tool_rounds": state.get("tool_rounds", 0) + 1,
+        "tool_rounds": state.get("tool_rounds", 0) + (0 if kind_of(last) == "preload" else 1),
         "answer_only": answer_only,
         "stats": stats,
     }
@@ -328,6 +355,14 @@ def _builtin_checks(answer_json: str) -> list[Problem]:
     return []
 
 
+def _context(state: State, runtime: Runtime[Context] | None, contract: Contract[Any, Any]) -> CheckContext[Any]:
+    return CheckContext(
+        input=contract.input.model_validate(state.get("input") or {}),
+        tool_results=state.get("tool_log", []),
+        context=runtime.context if runtime is not None else None,
+    )
+
+
 def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) -> dict[str, Any]:
     """Validate the candidate answer: schema first, then semantic checks. Failures become repairs."""
     contract = spec.contract
@@ -338,16 +373,18 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     problems = [Problem.model_validate(p) for p in pending.get("problems", [])]
     output = None
     if not problems:
+        candidate = pending.get("answer")
+        if contract.derive is not None and isinstance(candidate, dict):
+            derived = contract.derive(dict(candidate), _context(state, runtime, contract))
+            if derived != candidate:
+                stats["recoveries"] += 1
+            candidate = derived
         try:
-            output = contract.parse_output(pending.get("answer"))
+            output = contract.parse_output(candidate)
         except OutputInvalid as exc:
             problems, kind = exc.problems, "output"
     if output is not None:
-        ctx = CheckContext(
-            input=contract.input.model_validate(state.get("input") or {}),
-            tool_results=state.get("tool_log", []),
-            context=runtime.context if runtime is not None else None,
-        )
+        ctx = _context(state, runtime, contract)
         problems = _builtin_checks(output.model_dump_json()) + contract.run_checks(output, ctx)
         kind = "check"
     if output is not None and not problems:

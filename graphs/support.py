@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,9 +59,10 @@ class SupportReply(BaseModel):
 
 INSTRUCTIONS = """You are the order-support assistant of an online shop. You help one customer with
 their orders. The request is JSON: customer_id (the customer) and message (what they wrote).
-- To see the customer's orders (status, items, total), call list_orders.
+- The customer's orders (status, items, total) are listed for you at the start of each turn.
 - When the customer reports a problem with an order (damaged, missing, wants a refund), call open_ticket.
-- Only mention orders you saw in a tool result or earlier in this conversation.
+- Answer the customer's question directly with facts from the tool results: order id, status, items.
+- Only mention orders you saw in a tool result or earlier in this conversation, by their order id.
 - Keep the reply short and friendly."""
 
 _CUSTOMERS = [
@@ -134,6 +136,32 @@ class OpenTicketArgs(BaseModel):
     note: str = Field(min_length=1, max_length=500, description="The problem in the customer's words")
 
 
+_PROBLEM_WORDS = re.compile(
+    r"damag|broken|broke|missing|never (arrived|came)|lost|refund|return|wrong item|defect|ticket|complain",
+    re.IGNORECASE,
+)
+
+
+_TICKET_CLAIM = re.compile(
+    r"(open|opened|create|created|raise|raised|file|filed|submit|submitted) (a |an |the )?(support )?ticket"
+    r"|ticket (has been|was|is|will be) (opened|created)"
+)
+_STATUSES = ("processing", "shipped", "delivered", "cancelled")
+
+
+def reports_problem(request: Mapping[str, Any]) -> bool:
+    """Whether the customer reports a problem: only then may the assistant open a ticket."""
+    return bool(_PROBLEM_WORDS.search(str(request.get("message", ""))))
+
+
+def present_orders(result: Mapping[str, Any]) -> str:
+    lines = [
+        f"order {o['order_id']}: {o['items']} | status {o['status']} | total {o['total']} | placed {o['placed_on']}"
+        for o in result["orders"]
+    ]
+    return "\n".join(lines) or "this customer has no orders"
+
+
 def make_tools(db_path: Path) -> list[BaseTool]:
     """The desk's tools over the database at `db_path`: one read tool and one write tool."""
 
@@ -159,7 +187,8 @@ def make_tools(db_path: Path) -> list[BaseTool]:
         with _db(db_path) as conn:
             owner = conn.execute("SELECT customer_id FROM orders WHERE id = ?", (order_id,)).fetchone()
             if owner is None or owner["customer_id"] != customer_id:
-                raise ValueError(f"order {order_id} is not an order of customer {customer_id}")
+                mine = [r["id"] for r in conn.execute("SELECT id FROM orders WHERE customer_id = ?", (customer_id,))]
+                raise ValueError(f"order {order_id} is not one of this customer's orders; their order ids are {mine}")
             # One open ticket per order and kind: asking twice returns the first, never a duplicate.
             conn.execute(
                 "INSERT OR IGNORE INTO tickets (order_id, customer_id, kind, note, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -183,8 +212,11 @@ def make_tools(db_path: Path) -> list[BaseTool]:
         args_schema=OpenTicketArgs,
     )
     return [
-        with_policy(lister, side_effect="read", timeout_s=5, from_input=("customer_id",)),
-        with_policy(opener, side_effect="write", timeout_s=5, from_input=("customer_id",)),
+        with_policy(lister, side_effect="read", timeout_s=5, from_input=("customer_id",), preload=True,
+                    present=present_orders),
+        with_policy(
+            opener, side_effect="write", timeout_s=5, from_input=("customer_id",), offer_when=reports_problem
+        ),
     ]
 
 
@@ -206,6 +238,25 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
                 problems.append(f"order {order_id} belongs to another customer; never mention it")
         return problems
 
+    def derive(answer: dict[str, Any], ctx: CheckContext[SupportRequest]) -> dict[str, Any]:
+        # What was done is a fact of the system, not a claim of the model.
+        ids = answer.get("order_ids") if isinstance(answer.get("order_ids"), list) else []
+        reply = str(answer.get("reply", "")).lower()
+        for result in ctx.tool_results:
+            for order in result["output"].get("orders", []) if result["name"] == "list_orders" else []:
+                named = str(order["order_id"]) in reply or order["items"].lower() in reply
+                if named and order["order_id"] not in ids:
+                    ids = [*ids, order["order_id"]]
+        answer["order_ids"] = ids
+        tickets = [r["output"] for r in ctx.tool_results if r["name"] == "open_ticket"]
+        if tickets:
+            answer["action"], answer["ticket_id"] = "ticket_opened", tickets[-1]["ticket_id"]
+            if tickets[-1]["order_id"] not in ids:
+                answer["order_ids"] = [*ids, tickets[-1]["order_id"]]
+        else:
+            answer["action"], answer["ticket_id"] = "none", None
+        return answer
+
     def action_happened(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
         tickets = [r["output"]["ticket_id"] for r in ctx.tool_results if r["name"] == "open_ticket"]
         if reply.action == "ticket_opened" and reply.ticket_id not in tickets:
@@ -217,11 +268,25 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
             return ["ticket_id must be null when action is none"]
         return []
 
+    def claims_are_true(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+        problems = []
+        text = reply.reply.lower()
+        if reply.action == "none" and _TICKET_CLAIM.search(text):
+            problems.append("the reply says a ticket was opened, but none was: call open_ticket, or do not claim it")
+        known = {o["order_id"]: o["status"] for r in ctx.tool_results for o in r["output"].get("orders", [])}
+        said = {w for w in _STATUSES if re.search(rf"\b{w}", text)}
+        actual = {known[i] for i in reply.order_ids if i in known}
+        for word in sorted(said - actual):
+            ids = ", ".join(f"{i} is {known[i]}" for i in reply.order_ids if i in known) or "no order in order_ids"
+            problems.append(f"the reply says '{word}' but {ids}; state each order's real status")
+        return problems
+
     return Contract(
         input=SupportRequest,
         output=SupportReply,
         instructions=INSTRUCTIONS,
-        checks=(orders_exist, action_happened),
+        checks=(orders_exist, action_happened, claims_are_true),
+        derive=derive,
         repair_budget=3,
         name="support",
     )

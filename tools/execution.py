@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -30,6 +30,15 @@ class ToolPolicy:
     """`read` tools may be repeated safely; `write` and `external` ones change the world."""
     max_output_chars: int = 4_000
     """Longer results are cut, and the cut is said, so one tool cannot flood the context."""
+    offer_when: Callable[[Mapping[str, Any]], bool] | None = None
+    """Offer the tool to the model only for requests where this holds (given the validated
+    request). A write tool gated this way cannot be called needlessly."""
+    present: Callable[[Any], str] | None = None
+    """How the result is shown to the model (a line per record reads better than nested JSON for
+    small models); checks and the thread still get the structured output."""
+    preload: bool = False
+    """Run the tool at the start of every turn, with all arguments from the request, before the
+    model is asked anything: facts the model always needs are fetched, not hoped for."""
     from_input: tuple[str, ...] = ()
     """Arguments always taken from the validated request (e.g. `customer_id`), whatever the
     model wrote: the model cannot act for another customer."""
@@ -142,5 +151,7 @@ def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOut
         output = output.model_dump(mode="json")
     return CallOutcome(
         call_id, tool.name, args, ok=True,
-        content=fence(tool.name, output, policy.max_output_chars), output=output, seconds=seconds,
+        content=fence(tool.name, policy.present(output) if policy.present else output, policy.max_output_chars),
+        output=output,
+        seconds=seconds,
     )
