@@ -273,12 +273,19 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
         text = reply.reply.lower()
         if reply.action == "none" and _TICKET_CLAIM.search(text):
             problems.append("the reply says a ticket was opened, but none was: call open_ticket, or do not claim it")
-        known = {o["order_id"]: o["status"] for r in ctx.tool_results for o in r["output"].get("orders", [])}
-        said = {w for w in _STATUSES if re.search(rf"\b{w}", text)}
-        actual = {known[i] for i in reply.order_ids if i in known}
-        for word in sorted(said - actual):
-            ids = ", ".join(f"{i} is {known[i]}" for i in reply.order_ids if i in known) or "no order in order_ids"
-            problems.append(f"the reply says '{word}' but {ids}; state each order's real status")
+        known = {o["order_id"]: o for r in ctx.tool_results for o in r["output"].get("orders", [])}
+        for sentence in re.split(r"(?<=[.!?;])\s+|\n", text):
+            named = [known[int(i)] for i in re.findall(r"\b(\d{4,})\b", sentence) if int(i) in known]
+            if len(named) != 1:
+                continue  # facts are attributed only where one order is named
+            order = named[0]
+            for word in _STATUSES:
+                if word != order["status"] and re.search(rf"\b{word}", sentence):
+                    problems.append(f"order {order['order_id']} is {order['status']}, not {word}")
+            total = order["total"].split()[0]
+            for amount in re.findall(r"\b\d+\.\d{2}\b", sentence):
+                if amount != total:
+                    problems.append(f"order {order['order_id']} costs {total} EUR, not {amount}")
         return problems
 
     return Contract(

@@ -1,0 +1,5 @@
+"""`python -m keelgraph`."""
+
+from keelgraph.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""The `keelgraph` command line: demo, ask, history, model, serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from keelgraph.contracts.errors import KeelgraphError
+from keelgraph.settings import Settings
+
+EXIT_REJECTED = 2
+EXIT_FAILED = 3
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from keelgraph.graphs.support import make_graph
+
+    graph = make_graph()
+    config: Any = {"configurable": {"thread_id": args.thread}}
+    result = graph.invoke({"request": args.request}, config)
+    print(json.dumps(result, indent=2, default=str))
+    return {"ok": 0, "rejected": EXIT_REJECTED}.get(str(result.get("status")), EXIT_FAILED)
+
+
+def _history(args: argparse.Namespace) -> int:
+    from keelgraph.graphs.support import make_graph
+
+    graph = make_graph()
+    state = graph.get_state({"configurable": {"thread_id": args.thread}})
+    messages = state.values.get("messages", [])
+    if not messages:
+        print(f"no thread {args.thread!r} in {Settings.from_env().data_dir / 'threads.db'}", file=sys.stderr)
+        return 1
+    for message in messages:
+        kind = message.additional_kwargs.get("keelgraph", "")
+        calls = f" {[(c['name'], c['args']) for c in message.tool_calls]}" if getattr(message, "tool_calls", None) else ""
+        print(f"[{message.type}:{kind}] {str(message.content)[:300]}{calls}")
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from keelgraph.models import EMBEDDED_MODEL, LocalModelServer, ensure_model_file
+
+    settings = Settings.from_env()
+    if args.action == "fetch":
+        started = time.perf_counter()
+        path = ensure_model_file(settings)
+        print(f"{path} ({EMBEDDED_MODEL.name}, sha256 {EMBEDDED_MODEL.sha256[:12]}..., "
+              f"{time.perf_counter() - started:.1f} s)")
+        return 0
+    server = LocalModelServer(settings)
+    url = server.start()
+    print(f"embedded model {settings.model} serving at {url} (OpenAI-compatible); Ctrl-C stops it")
+    if server.process is None:
+        print("(an already running server was reused; it is not stopped by this command)")
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from keelgraph.serve import run
+
+    return run(port=args.port)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from keelgraph._demo import run_demo
+
+    return run_demo(args.thread)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keelgraph", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run a short scripted session of the order-support assistant")
+    demo.add_argument("--thread", help="thread id (default: a new one)")
+    demo.set_defaults(func=_demo)
+    ask = sub.add_parser("ask", help="send one request to the order-support assistant in a persistent thread")
+    ask.add_argument("--thread", required=True, help="thread id; the same id continues the conversation")
+    ask.add_argument("request", help='the request as JSON, e.g. \'{"customer_id": 1, "message": "Hi"}\'')
+    ask.set_defaults(func=_ask)
+    history = sub.add_parser("history", help="print what a thread kept")
+    history.add_argument("--thread", required=True)
+    history.set_defaults(func=_history)
+    model = sub.add_parser("model", help="the embedded local model")
+    model.add_argument("action", choices=["fetch", "serve"], help="fetch: download and verify; serve: run the server")
+    model.set_defaults(func=_model)
+    serve = sub.add_parser("serve", help="serve langgraph.json's graphs with `langgraph dev`, offline")
+    serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeelgraphError as exc:
+        print(f"keelgraph: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
