@@ -13,7 +13,7 @@ from keelgraph.contracts.errors import (
     UserError,
     explain,
 )
-from keelgraph.contracts.parsing import ParseError, Parsed, parse_json
+from keelgraph.contracts.parsing import Parsed, ParseError, parse_json
 
 __all__ = [
     "Attempt",

@@ -10,9 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ValidationError
-
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
+from pydantic import BaseModel, ValidationError
 
 __all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
 
@@ -90,9 +89,7 @@ class Contract(Generic[InT, OutT]):
     def __post_init__(self) -> None:
         for role, model in (("input", self.input), ("output", self.output)):
             if not (isinstance(model, type) and issubclass(model, BaseModel)):
-                raise ContractError(
-                    f"Contract {role} must be a Pydantic BaseModel subclass, got {model!r}"
-                )
+                raise ContractError(f"Contract {role} must be a Pydantic BaseModel subclass, got {model!r}")
         if not self.instructions.strip():
             raise ContractError("Contract instructions are empty: tell the model its job")
         if not 0 <= self.repair_budget <= 20:
@@ -191,7 +188,5 @@ class Contract(Generic[InT, OutT]):
             if result is None:
                 continue
             for message in [result] if isinstance(result, str) else list(result):
-                problems.append(
-                    Problem(field=f"answer ({name})", reason=message, fix="correct the answer")
-                )
+                problems.append(Problem(field=f"answer ({name})", reason=message, fix="correct the answer"))
         return problems

@@ -72,7 +72,17 @@ def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _GRAMMAR_UNSAFE = frozenset(
-    {"maxLength", "minLength", "maxItems", "minItems", "pattern", "format", "uniqueItems", "default", "examples"}
+    {
+        "maxLength",
+        "minLength",
+        "maxItems",
+        "minItems",
+        "pattern",
+        "format",
+        "uniqueItems",
+        "default",
+        "examples",
+    }
 )
 
 
@@ -102,14 +112,19 @@ def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, 
     options.append(
         {
             "type": "object",
-            "properties": {"action": {"const": ANSWER}, "answer": grammar_safe(inline_refs(answer))},
+            "properties": {
+                "action": {"const": ANSWER},
+                "answer": grammar_safe(inline_refs(answer)),
+            },
             "required": ["action", "answer"],
         }
     )
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def read_decision(value: Any, tool_names: Mapping[str, Any] | frozenset[str] | set[str]) -> ToolChoice | AnswerChoice:
+def read_decision(
+    value: Any, tool_names: Mapping[str, Any] | frozenset[str] | set[str]
+) -> ToolChoice | AnswerChoice:
     """Read a parsed JSON value as a decision, accepting the shapes models actually write.
 
     Accepted: our envelope, OpenAI-style `{"name", "arguments"}` written as text, and a bare answer

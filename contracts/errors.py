@@ -107,9 +107,7 @@ class InputRejected(RunError):
         super().__init__(f"request rejected: {lines}")
 
     def to_failure(self) -> Failure:
-        return Failure(
-            type="InputRejected", code=self.code, message=str(self), problems=self.problems
-        )
+        return Failure(type="InputRejected", code=self.code, message=str(self), problems=self.problems)
 
 
 class RepairExhausted(RunError):
@@ -190,7 +188,9 @@ def _fix(err: Any, allowed: list[str]) -> str:
     return f"correct the value ({err['msg']})"
 
 
-def explain(error: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None) -> list[Problem]:
+def explain(
+    error: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[Problem]:
     """Turn a Pydantic `ValidationError` into `Problem`s that name the field and the fix.
 
     The same text serves as the caller's error message and as the model's correction prompt.
@@ -202,7 +202,5 @@ def explain(error: ValidationError, *, prefix: str = "", model: type[BaseModel] 
         if err["type"] not in {"missing", "extra_forbidden"} and "input" in err:
             shown = repr(err["input"])
             reason = f"{reason} (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
-        problems.append(
-            Problem(field=_field(err["loc"], prefix), reason=reason, fix=_fix(err, allowed))
-        )
+        problems.append(Problem(field=_field(err["loc"], prefix), reason=reason, fix=_fix(err, allowed)))
     return problems

@@ -32,9 +32,7 @@ class ParseError(ValueError):
 
 
 def _reject_constant(name: str) -> Any:
-    raise ParseError(
-        f"{name} is not valid JSON", "use null or a finite number instead of NaN/Infinity"
-    )
+    raise ParseError(f"{name} is not valid JSON", "use null or a finite number instead of NaN/Infinity")
 
 
 def _loads(text: str) -> Any:
@@ -115,9 +113,7 @@ def parse_json(text: str) -> Parsed:
         body = fences[0].strip()
         recoveries.append("removed a code fence")
     elif len(fences) > 1:
-        raise ParseError(
-            f"the output has {len(fences)} code blocks", "reply with exactly one JSON object"
-        )
+        raise ParseError(f"the output has {len(fences)} code blocks", "reply with exactly one JSON object")
     if _TAGS.search(body):
         body = _TAGS.sub("", body).strip()
         recoveries.append("removed tool-call tags")
@@ -133,9 +129,7 @@ def parse_json(text: str) -> Parsed:
         )
     rest = body[end:].strip()
     if rest and rest[0] in "{[" and _scan(rest, 0) is not None:
-        raise ParseError(
-            "the output holds more than one JSON value", "reply with exactly one JSON object"
-        )
+        raise ParseError("the output holds more than one JSON value", "reply with exactly one JSON object")
     if start > 0 or rest:
         recoveries.append("ignored text around the JSON")
     candidate = body[start:end]

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
-
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_core.tools import BaseTool
+from typing import Any, Literal, cast
 
 from keelgraph.contracts.decision import ANSWER, inline_refs
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.tools import BaseTool
+from pydantic import BaseModel
 
 Strategy = Literal["json_object", "json_schema", "prompted", "tool_calling"]
 Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]
@@ -29,8 +36,8 @@ def tagged(message: AnyMessage, kind: Kind) -> AnyMessage:
 
 
 def tool_args_schema(tool: BaseTool) -> dict[str, Any]:
-    schema = tool.get_input_schema().model_json_schema()
-    return inline_refs(schema)
+    model = cast(type[BaseModel], tool.get_input_schema())
+    return inline_refs(model.model_json_schema())
 
 
 def _type_of(schema: Mapping[str, Any]) -> str:
@@ -112,9 +119,7 @@ def _turn_start(messages: Sequence[AnyMessage]) -> int:
     return 0
 
 
-def render(
-    messages: Sequence[AnyMessage], system: str, strategy: Strategy
-) -> list[BaseMessage]:
+def render(messages: Sequence[AnyMessage], system: str, strategy: Strategy) -> list[BaseMessage]:
     """Fresh messages for the model: earlier turns as question and answer, this turn in full.
 
     Tool calls and results are written as plain text for the JSON strategies, so any chat template

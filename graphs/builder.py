@@ -8,17 +8,10 @@ from typing import Any, Literal
 
 import httpx
 import openai
-from langchain_core.language_models import BaseChatModel
-from langchain_core.tools import BaseTool
-from langgraph.graph import END, START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
-from langgraph.store.base import BaseStore
-from langgraph.types import Checkpointer, RetryPolicy
-
 from keelgraph.contracts.contract import Contract
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import UserError
-from keelgraph.graphs._prompt import Strategy
+from keelgraph.graphs._prompt import Strategy, tool_args_schema
 from keelgraph.graphs.nodes import (
     AgentSpec,
     ModelSource,
@@ -33,6 +26,12 @@ from keelgraph.graphs.nodes import (
 )
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.tools.execution import policy_of
+from langchain_core.language_models import BaseChatModel
+from langchain_core.tools import BaseTool
+from langgraph.graph import START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
+from langgraph.types import Checkpointer, RetryPolicy
 
 __all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy"]
 
@@ -95,8 +94,10 @@ def graph_builder(
     for tool in tools:
         policy = policy_of(tool)
         if policy.preload:
-            required = set(tool.get_input_schema().model_json_schema().get("required", []))
-            if not required <= set(policy.from_input) or set(policy.from_input) - set(contract.input.model_fields):
+            required = set(tool_args_schema(tool).get("required", []))
+            if not required <= set(policy.from_input) or set(policy.from_input) - set(
+                contract.input.model_fields
+            ):
                 raise UserError(
                     f"preloaded tool {tool.name!r} must take every required argument ({sorted(required)}) "
                     f"from the request's fields ({sorted(contract.input.model_fields)}) via from_input"

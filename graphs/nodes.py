@@ -9,12 +9,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
-from langchain_core.runnables import Runnable
-from langchain_core.tools import BaseTool
-from langgraph.runtime import Runtime
-
 from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
 from keelgraph.contracts.decision import (
     ANSWER,
@@ -26,9 +20,21 @@ from keelgraph.contracts.decision import (
 )
 from keelgraph.contracts.errors import Attempt, InputRejected, Problem, RepairExhausted
 from keelgraph.contracts.parsing import ParseError, parse_json
-from keelgraph.graphs._prompt import Strategy, kind_of, render, system_prompt, tagged, tool_args_schema
+from keelgraph.graphs._prompt import (
+    Strategy,
+    kind_of,
+    render,
+    system_prompt,
+    tagged,
+    tool_args_schema,
+)
 from keelgraph.graphs.state import Context, State, Stats
 from keelgraph.tools.execution import policy_of, run_tool_call
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langgraph.runtime import Runtime
 
 __all__ = [
     "AgentSpec",
@@ -75,7 +81,13 @@ class AgentSpec:
 
 def _zero_stats() -> Stats:
     return Stats(
-        model_calls=0, repairs=0, recoveries=0, tool_calls=0, input_tokens=0, output_tokens=0, seconds=0.0
+        model_calls=0,
+        repairs=0,
+        recoveries=0,
+        tool_calls=0,
+        input_tokens=0,
+        output_tokens=0,
+        seconds=0.0,
     )
 
 
@@ -112,17 +124,27 @@ def validate_input(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         value = spec.contract.parse_input(raw)
     except InputRejected as exc:
         message = tagged(HumanMessage(_as_text(raw)), "rejected")
-        return {**reset, "status": "rejected", "error": exc.to_failure().model_dump(), "messages": [message]}
+        return {
+            **reset,
+            "status": "rejected",
+            "error": exc.to_failure().model_dump(),
+            "messages": [message],
+        }
     message = tagged(HumanMessage(spec.contract.render_input(value)), "request")
     request = value.model_dump(mode="json")
     messages: list[AnyMessage] = [message]
     preload = [
-        {"name": name, "args": {k: request[k] for k in policy_of(tool).from_input}, "id": f"pre_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+        {
+            "name": name,
+            "args": {k: request[k] for k in policy_of(tool).from_input},
+            "id": f"pre_{uuid.uuid4().hex[:12]}",
+            "type": "tool_call",
+        }
         for name, tool in spec.tools.items()
         if policy_of(tool).preload
     ]
     if preload:
-        messages.append(tagged(AIMessage("", tool_calls=preload), "preload"))  # type: ignore[arg-type]
+        messages.append(tagged(AIMessage("", tool_calls=preload), "preload"))
     return {**reset, "status": "running", "input": request, "messages": messages}
 
 
@@ -151,7 +173,9 @@ def _allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
     return allowed
 
 
-def _bind(model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool]) -> Runnable[LanguageModelInput, BaseMessage]:
+def _bind(
+    model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool]
+) -> Runnable[LanguageModelInput, BaseMessage]:
     answer = spec.contract.output_schema()
     if spec.strategy == "tool_calling":
         final = {
@@ -170,21 +194,29 @@ def _bind(model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool]) -> Run
         fmt = {"type": "json_object", "schema": schema}
         return model.bind(extra_body={"response_format": fmt})
     if spec.strategy == "json_schema":
-        fmt = {"type": "json_schema", "json_schema": {"name": "step", "schema": schema, "strict": False}}
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": "step", "schema": schema, "strict": False},
+        }
         return model.bind(response_format=fmt)
     return model
 
 
 def _fail(state: State, attempts: list[dict[str, Any]], stats: Stats, message: str = "") -> dict[str, Any]:
-    stats = {**stats, "seconds": round(time.time() - state.get("started", time.time()), 3)}  # type: ignore[typeddict-item]
-    usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}  # type: ignore[literal-required]
+    stats = {**stats, "seconds": round(time.time() - state.get("started", time.time()), 3)}
+    usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}
     error = RepairExhausted([Attempt.model_validate(a) for a in attempts], usage=usage, message=message)
-    return {"status": "failed", "error": error.to_failure().model_dump(), "stats": stats, "pending": None}
+    return {
+        "status": "failed",
+        "error": error.to_failure().model_dump(),
+        "stats": stats,
+        "pending": None,
+    }
 
 
 def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     """Ask the model for its next step and read it as a tool call or a candidate answer."""
-    stats: Stats = {**_zero_stats(), **state.get("stats", {})}  # type: ignore[typeddict-item]
+    stats: Stats = {**_zero_stats(), **state.get("stats", {})}
     if stats["model_calls"] >= spec.max_model_calls:
         return _fail(
             state,
@@ -217,7 +249,11 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         if answers:
             raw = json.dumps(answers[0]["args"])
             step = tagged(AIMessage(raw, id=msg_id), "candidate")
-            return {**update, "messages": [step], "pending": {"answer": answers[0]["args"], "raw": raw}}
+            return {
+                **update,
+                "messages": [step],
+                "pending": {"answer": answers[0]["args"], "raw": raw},
+            }
         step = tagged(AIMessage(raw, tool_calls=ai.tool_calls, id=msg_id), "step")
         return {**update, "messages": [step], "pending": None}
     try:
@@ -233,8 +269,13 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     if isinstance(decision, AnswerChoice):
         step = tagged(AIMessage(raw, id=msg_id), "candidate")
         return {**update, "messages": [step], "pending": {"answer": decision.answer, "raw": raw}}
-    call = {"name": decision.name, "args": decision.args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
-    step = tagged(AIMessage("", tool_calls=[call], id=msg_id), "step")  # type: ignore[list-item]
+    call = {
+        "name": decision.name,
+        "args": decision.args,
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "tool_call",
+    }
+    step = tagged(AIMessage("", tool_calls=[call], id=msg_id), "step")
     return {**update, "messages": [step], "pending": None}
 
 
@@ -257,7 +298,10 @@ def _key(name: str, args: Mapping[str, Any]) -> str:
 
 def _attempt(attempts: list[dict[str, Any]], kind: str, raw: str, problems: list[Problem]) -> dict[str, Any]:
     return Attempt(
-        number=len(attempts) + 1, kind=kind, raw=raw[:_RAW_LIMIT], problems=problems  # type: ignore[arg-type]
+        number=len(attempts) + 1,
+        kind=kind,
+        raw=raw[:_RAW_LIMIT],
+        problems=problems,
     ).model_dump()
 
 
@@ -277,7 +321,7 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     messages = state.get("messages", [])
     last = messages[-1]
     assert isinstance(last, AIMessage)
-    stats: Stats = {**_zero_stats(), **state.get("stats", {})}  # type: ignore[typeddict-item]
+    stats: Stats = {**_zero_stats(), **state.get("stats", {})}
     attempts = list(state.get("attempts", []))
     tool_log = list(state.get("tool_log", []))
     done = {_key(e["name"], e["args"]): e for e in tool_log}
@@ -296,7 +340,14 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
                 fix=f"use one of: {', '.join([*spec.tools, ANSWER])}",
             )
             attempts.append(_attempt(attempts, "unknown_tool", raw, [problem]))
-            replies.append(ToolMessage(f"ERROR: {problem.reason}; {problem.fix}.", tool_call_id=call_id, name=name, status="error"))
+            replies.append(
+                ToolMessage(
+                    f"ERROR: {problem.reason}; {problem.fix}.",
+                    tool_call_id=call_id,
+                    name=name,
+                    status="error",
+                )
+            )
             continue
         if name not in allowed:
             again = _key(name, args) in done
@@ -305,16 +356,34 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
                 if again
                 else f"{name} is not available any more in this turn"
             )
-            problem = Problem(field="action", reason=reason_text, fix=f"use the results you have and reply with {ANSWER}")
+            problem = Problem(
+                field="action",
+                reason=reason_text,
+                fix=f"use the results you have and reply with {ANSWER}",
+            )
             attempts.append(_attempt(attempts, "repeated_call", raw, [problem]))
-            replies.append(ToolMessage(f"NOT RUN: {reason_text}. Now reply with {ANSWER}.", tool_call_id=call_id, name=name, status="error"))
+            replies.append(
+                ToolMessage(
+                    f"NOT RUN: {reason_text}. Now reply with {ANSWER}.",
+                    tool_call_id=call_id,
+                    name=name,
+                    status="error",
+                )
+            )
             answer_only = True
             continue
         tool = spec.tools[name]
         request = state.get("input") or {}
         args.update({k: request[k] for k in policy_of(tool).from_input if k in request})
         outcome = run_tool_call(tool, call_id, args)
-        replies.append(ToolMessage(outcome.content, tool_call_id=call_id, name=name, status="success" if outcome.ok else "error"))
+        replies.append(
+            ToolMessage(
+                outcome.content,
+                tool_call_id=call_id,
+                name=name,
+                status="success" if outcome.ok else "error",
+            )
+        )
         if outcome.ok:
             stats["tool_calls"] += 1
             entry = {"name": name, "args": args, "output": outcome.output}
@@ -355,7 +424,9 @@ def _builtin_checks(answer_json: str) -> list[Problem]:
     return []
 
 
-def _context(state: State, runtime: Runtime[Context] | None, contract: Contract[Any, Any]) -> CheckContext[Any]:
+def _context(
+    state: State, runtime: Runtime[Context] | None, contract: Contract[Any, Any]
+) -> CheckContext[Any]:
     return CheckContext(
         input=contract.input.model_validate(state.get("input") or {}),
         tool_results=state.get("tool_log", []),
@@ -367,7 +438,7 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     """Validate the candidate answer: schema first, then semantic checks. Failures become repairs."""
     contract = spec.contract
     pending = state.get("pending") or {}
-    stats: Stats = {**_zero_stats(), **state.get("stats", {})}  # type: ignore[typeddict-item]
+    stats: Stats = {**_zero_stats(), **state.get("stats", {})}
     raw = str(pending.get("raw", ""))
     kind = str(pending.get("kind", "output"))
     problems = [Problem.model_validate(p) for p in pending.get("problems", [])]
@@ -399,7 +470,10 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
             "messages": [answer],
             "stats": stats,
         }
-    attempts = [*state.get("attempts", []), _attempt(state.get("attempts", []), kind, raw, problems)]
+    attempts = [
+        *state.get("attempts", []),
+        _attempt(state.get("attempts", []), kind, raw, problems),
+    ]
     stats["repairs"] = len(attempts)
     if why := _exhausted(spec, attempts):
         return {"attempts": attempts, **_fail(state, attempts, stats, f"no valid answer: {why}")}

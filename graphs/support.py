@@ -10,16 +10,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from langchain_core.tools import BaseTool, StructuredTool
-from langgraph.graph.state import CompiledStateGraph
-from langgraph.types import Checkpointer
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-
 from keelgraph.contracts.contract import CheckContext, Contract
 from keelgraph.graphs.builder import build_graph
 from keelgraph.graphs.nodes import ModelSource
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.tools.execution import with_policy
+from langchain_core.tools import BaseTool, StructuredTool
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Checkpointer
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 __all__ = [
     "SupportReply",
@@ -47,14 +46,20 @@ class SupportReply(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reply: str = Field(min_length=1, max_length=1200, description="The answer to the customer, in plain words")
+    reply: str = Field(
+        min_length=1, max_length=1200, description="The answer to the customer, in plain words"
+    )
     order_ids: list[int] = Field(
-        default_factory=list, max_length=10, description="Ids of the customer's orders this reply is about"
+        default_factory=list,
+        max_length=10,
+        description="Ids of the customer's orders this reply is about",
     )
     action: Literal["none", "ticket_opened"] = Field(
         default="none", description="ticket_opened only if open_ticket succeeded in this turn"
     )
-    ticket_id: int | None = Field(default=None, description="The ticket id returned by open_ticket, else null")
+    ticket_id: int | None = Field(
+        default=None, description="The ticket id returned by open_ticket, else null"
+    )
 
 
 INSTRUCTIONS = """You are the order-support assistant of an online shop. You help one customer with
@@ -187,12 +192,23 @@ def make_tools(db_path: Path) -> list[BaseTool]:
         with _db(db_path) as conn:
             owner = conn.execute("SELECT customer_id FROM orders WHERE id = ?", (order_id,)).fetchone()
             if owner is None or owner["customer_id"] != customer_id:
-                mine = [r["id"] for r in conn.execute("SELECT id FROM orders WHERE customer_id = ?", (customer_id,))]
-                raise ValueError(f"order {order_id} is not one of this customer's orders; their order ids are {mine}")
+                mine = [
+                    r["id"]
+                    for r in conn.execute("SELECT id FROM orders WHERE customer_id = ?", (customer_id,))
+                ]
+                raise ValueError(
+                    f"order {order_id} is not one of this customer's orders; their order ids are {mine}"
+                )
             # One open ticket per order and kind: asking twice returns the first, never a duplicate.
             conn.execute(
                 "INSERT OR IGNORE INTO tickets (order_id, customer_id, kind, note, created_at) VALUES (?, ?, ?, ?, ?)",
-                (order_id, customer_id, kind, note, datetime.now(UTC).isoformat(timespec="seconds")),
+                (
+                    order_id,
+                    customer_id,
+                    kind,
+                    note,
+                    datetime.now(UTC).isoformat(timespec="seconds"),
+                ),
             )
             row = conn.execute(
                 "SELECT id FROM tickets WHERE order_id = ? AND kind = ?", (order_id, kind)
@@ -212,10 +228,20 @@ def make_tools(db_path: Path) -> list[BaseTool]:
         args_schema=OpenTicketArgs,
     )
     return [
-        with_policy(lister, side_effect="read", timeout_s=5, from_input=("customer_id",), preload=True,
-                    present=present_orders),
         with_policy(
-            opener, side_effect="write", timeout_s=5, from_input=("customer_id",), offer_when=reports_problem
+            lister,
+            side_effect="read",
+            timeout_s=5,
+            from_input=("customer_id",),
+            preload=True,
+            present=present_orders,
+        ),
+        with_policy(
+            opener,
+            side_effect="write",
+            timeout_s=5,
+            from_input=("customer_id",),
+            offer_when=reports_problem,
         ),
     ]
 
@@ -240,7 +266,8 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
 
     def derive(answer: dict[str, Any], ctx: CheckContext[SupportRequest]) -> dict[str, Any]:
         # What was done is a fact of the system, not a claim of the model.
-        ids = answer.get("order_ids") if isinstance(answer.get("order_ids"), list) else []
+        given = answer.get("order_ids")
+        ids: list[Any] = list(given) if isinstance(given, list) else []
         reply = str(answer.get("reply", "")).lower()
         for result in ctx.tool_results:
             for order in result["output"].get("orders", []) if result["name"] == "list_orders" else []:
@@ -260,10 +287,14 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
     def action_happened(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
         tickets = [r["output"]["ticket_id"] for r in ctx.tool_results if r["name"] == "open_ticket"]
         if reply.action == "ticket_opened" and reply.ticket_id not in tickets:
-            return ["action is ticket_opened but no such ticket was opened in this turn; call open_ticket "
-                    "first, or set action to none and ticket_id to null"]
+            return [
+                "action is ticket_opened but no such ticket was opened in this turn; call open_ticket "
+                "first, or set action to none and ticket_id to null"
+            ]
         if reply.action == "none" and tickets:
-            return [f"open_ticket created ticket {tickets[-1]}: set action to ticket_opened and ticket_id to {tickets[-1]}"]
+            return [
+                f"open_ticket created ticket {tickets[-1]}: set action to ticket_opened and ticket_id to {tickets[-1]}"
+            ]
         if reply.action == "none" and reply.ticket_id is not None:
             return ["ticket_id must be null when action is none"]
         return []
@@ -272,7 +303,9 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
         problems = []
         text = reply.reply.lower()
         if reply.action == "none" and _TICKET_CLAIM.search(text):
-            problems.append("the reply says a ticket was opened, but none was: call open_ticket, or do not claim it")
+            problems.append(
+                "the reply says a ticket was opened, but none was: call open_ticket, or do not claim it"
+            )
         known = {o["order_id"]: o for r in ctx.tool_results for o in r["output"].get("orders", [])}
         for sentence in re.split(r"(?<=[.!?;])\s+|\n", text):
             named = [known[int(i)] for i in re.findall(r"\b(\d{4,})\b", sentence) if int(i) in known]
@@ -310,5 +343,10 @@ def make_graph(
 
     path = db_path or Settings.from_env().data_dir / "shop.db"
     seed_database(path)
-    return build_graph(make_contract(path), make_tools(path), model=model, checkpointer=checkpointer, name="support")
-
+    return build_graph(
+        make_contract(path),
+        make_tools(path),
+        model=model,
+        checkpointer=checkpointer,
+        name="support",
+    )

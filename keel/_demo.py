@@ -11,10 +11,21 @@ from keelgraph.settings import Settings
 
 SCRIPT: list[tuple[str, Any]] = [
     ("ask about an order", {"customer_id": 1, "message": "Where is my order 1002?"}),
-    ("follow-up that needs memory and a tool", {"customer_id": 1, "message": "It arrived damaged, please open a ticket for it."}),
+    (
+        "follow-up that needs memory and a tool",
+        {"customer_id": 1, "message": "It arrived damaged, please open a ticket for it."},
+    ),
     ("a bad request", {"customer_id": "abc", "message": ""}),
 ]
-_TOTALS = ("model_calls", "repairs", "recoveries", "tool_calls", "input_tokens", "output_tokens", "seconds")
+_TOTALS = (
+    "model_calls",
+    "repairs",
+    "recoveries",
+    "tool_calls",
+    "input_tokens",
+    "output_tokens",
+    "seconds",
+)
 
 
 def _show(title: str, request: Any, result: dict[str, Any]) -> None:
@@ -59,11 +70,13 @@ def run_demo(thread_id: str | None = None) -> int:
     wall = time.perf_counter() - started
     print("\n=== summary")
     print(f"turns       : {len(SCRIPT)} ({', '.join(str(o) for o in outcomes)})")
-    print(f"model calls : {int(totals['model_calls'])}    repairs: {int(totals['repairs'])}    "
-          f"recoveries: {int(totals['recoveries'])}    tool calls: {int(totals['tool_calls'])}")
+    print(
+        f"model calls : {int(totals['model_calls'])}    repairs: {int(totals['repairs'])}    "
+        f"recoveries: {int(totals['recoveries'])}    tool calls: {int(totals['tool_calls'])}"
+    )
     print(f"tokens      : {int(totals['input_tokens'])} in, {int(totals['output_tokens'])} out")
     print(f"seconds     : {totals['seconds']:.1f} in turns, {wall:.1f} wall (model start included)")
     print(f"thread      : {thread} ({kept} messages kept in {settings.data_dir / 'threads.db'})")
-    print(f"continue it : keelgraph ask --thread {thread} '{{\"customer_id\": 1, \"message\": \"Thanks!\"}}'")
+    print(f'continue it : keelgraph ask --thread {thread} \'{{"customer_id": 1, "message": "Thanks!"}}\'')
     defined = all(o in {"ok", "rejected", "failed"} for o in outcomes)
     return 0 if defined and outcomes[-1] == "rejected" else 1

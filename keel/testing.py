@@ -68,7 +68,9 @@ class ScriptedChatModel(BaseChatModel):
         self.calls.append({"messages": list(messages), "kwargs": kwargs})
         if index >= len(self.script):
             if not (self.repeat_last and self.script):
-                raise ScriptExhausted(f"the script has {len(self.script)} replies; call {index + 1} asked for more")
+                raise ScriptExhausted(
+                    f"the script has {len(self.script)} replies; call {index + 1} asked for more"
+                )
             index = len(self.script) - 1
         item = self.script[index]
         if callable(item) and not isinstance(item, BaseException):
@@ -96,4 +98,4 @@ class ScriptedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         formatted = [convert_to_openai_tool(t) for t in tools]
-        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)  # type: ignore[return-value]
+        return self.bind(tools=formatted, tool_choice=tool_choice, **kwargs)

@@ -9,12 +9,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from keelgraph.contracts.errors import Problem, explain
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ValidationError
 
-from keelgraph.contracts.errors import Problem, explain
-
-__all__ = ["CallOutcome", "SideEffect", "ToolPolicy", "fence", "policy_of", "run_tool_call", "with_policy"]
+__all__ = [
+    "CallOutcome",
+    "SideEffect",
+    "ToolPolicy",
+    "fence",
+    "policy_of",
+    "run_tool_call",
+    "with_policy",
+]
 
 SideEffect = Literal["read", "write", "external"]
 _POLICY_KEY = "keelgraph_policy"
@@ -135,23 +142,39 @@ def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOut
             fix="answer with what you know, or try a narrower request",
         )
         return CallOutcome(
-            call_id, tool.name, args, ok=False, content=f"ERROR: {problem.reason}.",
-            problems=[problem], kind="timeout", seconds=seconds,
+            call_id,
+            tool.name,
+            args,
+            ok=False,
+            content=f"ERROR: {problem.reason}.",
+            problems=[problem],
+            kind="timeout",
+            seconds=seconds,
         )
     if "error" in box:
         exc = box["error"]
         problem = Problem(field=tool.name, reason=f"{type(exc).__name__}: {exc}", fix="check the arguments")
         return CallOutcome(
-            call_id, tool.name, args, ok=False,
+            call_id,
+            tool.name,
+            args,
+            ok=False,
             content=f"ERROR: {tool.name} failed: {type(exc).__name__}: {exc}",
-            problems=[problem], kind="tool_error", seconds=seconds,
+            problems=[problem],
+            kind="tool_error",
+            seconds=seconds,
         )
     output = box.get("output")
     if isinstance(output, BaseModel):
         output = output.model_dump(mode="json")
     return CallOutcome(
-        call_id, tool.name, args, ok=True,
-        content=fence(tool.name, policy.present(output) if policy.present else output, policy.max_output_chars),
+        call_id,
+        tool.name,
+        args,
+        ok=True,
+        content=fence(
+            tool.name, policy.present(output) if policy.present else output, policy.max_output_chars
+        ),
         output=output,
         seconds=seconds,
     )

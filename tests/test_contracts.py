@@ -1,0 +1,122 @@
+"""The input boundary, output validation and semantic checks of `Contract`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from keelgraph import CheckContext, Contract, ContractError, InputRejected
+from keelgraph.contracts import OutputInvalid
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Ask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: int = Field(ge=1)
+    message: str = Field(min_length=1, max_length=50)
+
+
+class Reply(BaseModel):
+    text: str
+    score: int = Field(ge=0, le=10)
+
+
+def contract(**kwargs: Any) -> Contract[Ask, Reply]:
+    return Contract(input=Ask, output=Reply, instructions="Reply.", **kwargs)
+
+
+def fields(exc: InputRejected) -> dict[str, str]:
+    return {p.field: p.fix for p in exc.problems}
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "fix"),
+    [
+        ({"user_id": "abc", "message": "hi"}, "user_id", "whole number"),
+        ({"user_id": 1}, "message", "add the required field `message`"),
+        ({"user_id": 1, "message": ""}, "message", "at least 1 character"),
+        ({"user_id": 1, "message": "x" * 51}, "message", "at most 50 characters"),
+        ({"user_id": 0, "message": "hi"}, "user_id", "greater than or equal to 1"),
+        (
+            {"user_id": 1, "message": "hi", "admin": True},
+            "admin",
+            "remove `admin`; allowed fields: user_id, message",
+        ),
+        ("not json{", "request", "send a JSON object like"),
+        ([1, 2], "request", "send {"),
+        (None, "request", "send {"),
+    ],
+)
+def test_bad_input_names_the_field_and_the_fix(raw: Any, field: str, fix: str) -> None:
+    with pytest.raises(InputRejected) as caught:
+        contract().parse_input(raw)
+    assert field in fields(caught.value)
+    assert fix in fields(caught.value)[field]
+    assert caught.value.code == "input_rejected"
+
+
+def test_oversize_request_is_rejected_before_parsing() -> None:
+    with pytest.raises(InputRejected) as caught:
+        contract(max_request_chars=100).parse_input("{" + " " * 200 + "}")
+    assert caught.value.problems[0].reason.startswith("the request is 202 characters")
+
+
+def test_json_text_and_dict_are_equivalent() -> None:
+    c = contract()
+    assert c.parse_input('{"user_id": 3, "message": "hi"}') == c.parse_input({"user_id": 3, "message": "hi"})
+
+
+def test_failure_round_trips_as_data() -> None:
+    with pytest.raises(InputRejected) as caught:
+        contract().parse_input({"user_id": "x"})
+    failure = caught.value.to_failure()
+    again = failure.model_validate(json.loads(failure.model_dump_json())).to_exception()
+    assert isinstance(again, InputRejected)
+    assert again.problems == caught.value.problems
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"input": dict}, "input must be a Pydantic BaseModel"),
+        ({"output": "Reply"}, "output must be a Pydantic BaseModel"),
+        ({"instructions": "  "}, "instructions are empty"),
+        ({"repair_budget": -1}, "repair_budget must be between 0 and 20"),
+        ({"checks": ("not callable",)}, "is not callable"),
+    ],
+)
+def test_misconfigured_contract_fails_at_build_time(kwargs: dict[str, Any], message: str) -> None:
+    base: dict[str, Any] = {"input": Ask, "output": Reply, "instructions": "Reply."}
+    with pytest.raises(ContractError, match=message):
+        Contract(**{**base, **kwargs})
+
+
+def test_output_errors_are_prefixed_for_the_model() -> None:
+    with pytest.raises(OutputInvalid) as caught:
+        contract().parse_output({"text": "ok", "score": 11})
+    assert caught.value.problems[0].field == "answer.score"
+    assert "less than or equal to 10" in caught.value.problems[0].reason
+
+
+def test_checks_sync_async_and_raising() -> None:
+    def low(reply: Reply, ctx: CheckContext[Ask]) -> str | None:
+        return "score too low" if reply.score < 5 else None
+
+    async def mentions_user(reply: Reply, ctx: CheckContext[Ask]) -> list[str]:
+        return [] if str(ctx.input.user_id) in reply.text else [f"mention user {ctx.input.user_id}"]
+
+    def raises(reply: Reply, ctx: CheckContext[Ask]) -> None:
+        if not reply.text.strip():
+            raise ValueError("text must not be empty")
+
+    c = contract(checks=(low, mentions_user, raises))
+    ctx = CheckContext(input=Ask(user_id=7, message="hi"))
+    problems = c.run_checks(Reply(text=" ", score=1), ctx)
+    assert [p.reason for p in problems] == [
+        "score too low",
+        "mention user 7",
+        "text must not be empty",
+    ]
+    assert problems[0].field == "answer (low)"
+    assert c.run_checks(Reply(text="user 7", score=9), ctx) == []

@@ -1,0 +1,347 @@
+"""The keelgraph flow with a scripted model: routing, repairs, tools, typed ends, persistence."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from keelgraph import (
+    Contract,
+    InputRejected,
+    RepairExhausted,
+    UserError,
+    build_graph,
+    sqlite_checkpointer,
+    unwrap,
+    with_policy,
+)
+from keelgraph.testing import ScriptedChatModel, answer, call
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import StructuredTool
+from pydantic import BaseModel, Field
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.mmd"
+
+
+class Question(BaseModel):
+    city: str = Field(min_length=1, max_length=40)
+
+
+class Forecast(BaseModel):
+    city: str
+    celsius: int = Field(ge=-60, le=60)
+
+
+class WeatherArgs(BaseModel):
+    city: str = Field(min_length=1)
+
+
+CALLS: list[str] = []
+
+
+def weather(city: str) -> dict[str, Any]:
+    CALLS.append(city)
+    return {"city": city, "celsius": 21}
+
+
+def slow(city: str) -> str:
+    time.sleep(3)
+    return "late"
+
+
+def boom(city: str) -> str:
+    raise RuntimeError("upstream is down")
+
+
+def make_tool(fn: Any, name: str, **policy: Any) -> StructuredTool:
+    tool = StructuredTool.from_function(
+        fn, name=name, description=f"{name} for a city", args_schema=WeatherArgs
+    )
+    return with_policy(tool, **policy) if policy else tool  # type: ignore[return-value]
+
+
+def matches_tool(forecast: Forecast, ctx: Any) -> str | None:
+    seen = [r["output"]["celsius"] for r in ctx.tool_results if r["name"] == "weather"]
+    if seen and forecast.celsius != seen[-1]:
+        return f"celsius must be {seen[-1]}, the tool's value"
+    return None
+
+
+CONTRACT = Contract(
+    input=Question,
+    output=Forecast,
+    instructions="Report the weather.",
+    checks=(matches_tool,),
+    repair_budget=2,
+)
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    CALLS.clear()
+
+
+def run(
+    script: list[Any],
+    request: Any = None,
+    *,
+    tools: Any = None,
+    tmp: Path,
+    thread: str = "t",
+    **kw: Any,
+) -> tuple[dict[str, Any], Any, ScriptedChatModel]:
+    model = ScriptedChatModel(script)
+    kw.setdefault("strategy", "json_object")
+    graph = build_graph(
+        kw.pop("contract", CONTRACT),
+        [make_tool(weather, "weather")] if tools is None else tools,
+        model=model,
+        checkpointer=sqlite_checkpointer(tmp / "threads.db"),
+        **kw,
+    )
+    config: Any = {"configurable": {"thread_id": thread}}
+    result = graph.invoke({"request": request if request is not None else {"city": "Oslo"}}, config)
+    return result, graph.get_state(config), model
+
+
+def test_happy_path_with_a_tool(tmp_path: Path) -> None:
+    result, state, model = run([call("weather", city="Oslo"), answer(city="Oslo", celsius=21)], tmp=tmp_path)
+    assert unwrap(result, Forecast) == Forecast(city="Oslo", celsius=21)
+    assert result["stats"]["model_calls"] == 2 and result["stats"]["tool_calls"] == 1
+    kinds = [m.additional_kwargs.get("keelgraph") for m in state.values["messages"]]
+    assert kinds == ["request", "step", None, "answer"]
+    # the second call offered no tools any more: its schema is the answer alone
+    fmt = model.calls[1]["kwargs"]["extra_body"]["response_format"]["schema"]
+    assert fmt["properties"]["action"]["const"] == "final_answer"
+
+
+def test_invalid_answer_then_valid_answer(tmp_path: Path) -> None:
+    result, state, model = run(
+        [answer(city="Oslo", celsius=99), answer(city="Oslo", celsius=20)], tmp=tmp_path, tools=[]
+    )
+    assert result["status"] == "ok" and result["stats"]["repairs"] == 1
+    correction = model.calls[1]["messages"][-1]
+    assert isinstance(correction, HumanMessage)
+    assert "answer.celsius: Input should be less than or equal to 60" in correction.content
+    assert state.values["attempts"][0]["kind"] == "output"
+
+
+def test_semantic_check_failure_is_repaired(tmp_path: Path) -> None:
+    script = [
+        call("weather", city="Oslo"),
+        answer(city="Oslo", celsius=5),
+        answer(city="Oslo", celsius=21),
+    ]
+    result, state, model = run(script, tmp=tmp_path)
+    assert result["status"] == "ok"
+    assert "celsius must be 21, the tool's value" in model.calls[2]["messages"][-1].content
+    assert state.values["attempts"][0]["kind"] == "check"
+
+
+def test_tool_call_with_bad_arguments_goes_back_to_the_model(tmp_path: Path) -> None:
+    script = [
+        call("weather", city=""),
+        call("weather", city="Oslo"),
+        answer(city="Oslo", celsius=21),
+    ]
+    result, state, _ = run(script, tmp=tmp_path)
+    assert result["status"] == "ok" and CALLS == ["Oslo"]
+    error = next(m for m in state.values["messages"] if isinstance(m, ToolMessage))
+    assert error.status == "error" and "args.city" in error.content and "nothing was run" in error.content
+    assert state.values["attempts"][0]["kind"] == "tool_args"
+
+
+def test_invented_tool_is_an_error_message_not_a_crash(tmp_path: Path) -> None:
+    script = ['{"action": "launch_rockets", "args": {}}', answer(city="Oslo", celsius=21)]
+    result, state, model = run(script, tmp=tmp_path, tools=[])
+    assert result["status"] == "ok"
+    assert "there is no tool named 'launch_rockets'" in model.calls[1]["messages"][-1].content
+    assert state.values["attempts"][0]["kind"] == "unknown_tool"
+
+
+def test_native_call_to_unknown_tool(tmp_path: Path) -> None:
+    bad = AIMessage("", tool_calls=[{"name": "nope", "args": {}, "id": "c1", "type": "tool_call"}])
+    result, state, _ = run([bad, answer(city="Oslo", celsius=21)], tmp=tmp_path)
+    assert result["status"] == "ok"
+    assert state.values["attempts"][0]["kind"] == "unknown_tool"
+
+
+def test_repeated_identical_call_is_not_run_twice(tmp_path: Path) -> None:
+    script = [
+        call("weather", city="Oslo"),
+        call("weather", city="Oslo"),
+        answer(city="Oslo", celsius=21),
+    ]
+    result, state, _model = run(script, tmp=tmp_path, strategy="prompted")
+    assert result["status"] == "ok" and CALLS == ["Oslo"]
+    refused = [m for m in state.values["messages"] if isinstance(m, ToolMessage)][-1]
+    assert "NOT RUN: you already called weather with these arguments" in refused.content
+    assert state.values["attempts"][0]["kind"] == "repeated_call"
+
+
+def test_tool_call_written_as_text_is_validated_and_run(tmp_path: Path) -> None:
+    text = 'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    result, _, _ = run([text, answer(city="Oslo", celsius=21)], tmp=tmp_path, strategy="tool_calling")
+    assert result["status"] == "ok" and CALLS == ["Oslo"]
+    assert result["stats"]["recoveries"] >= 2
+
+
+def test_native_tool_calling_strategy(tmp_path: Path) -> None:
+    step = AIMessage(
+        "",
+        tool_calls=[{"name": "weather", "args": {"city": "Oslo"}, "id": "c1", "type": "tool_call"}],
+    )
+    final = AIMessage(
+        "",
+        tool_calls=[
+            {
+                "name": "final_answer",
+                "args": {"city": "Oslo", "celsius": 21},
+                "id": "c2",
+                "type": "tool_call",
+            }
+        ],
+    )
+    result, _, model = run([step, final], tmp=tmp_path, strategy="tool_calling")
+    assert unwrap(result, Forecast).celsius == 21
+    assert model.calls[0]["kwargs"]["tool_choice"] == "required"
+    assert model.calls[1]["kwargs"]["tool_choice"] == "final_answer"  # retry forces the answer tool
+
+
+def test_budget_exhausted_is_typed_and_persisted(tmp_path: Path) -> None:
+    script = [answer(city="Oslo", celsius=99), "no json here", answer(city="Oslo", celsius=-99)]
+    result, state, model = run(script, tmp=tmp_path, tools=[])
+    assert result["status"] == "failed" and len(model.calls) == 3  # budget 2: three tries, no more
+    with pytest.raises(RepairExhausted) as caught:
+        unwrap(result, Forecast)
+    assert [a.kind for a in caught.value.attempts] == ["output", "parse", "output"]
+    assert caught.value.last_raw == json.dumps(answer(city="Oslo", celsius=-99))
+    assert caught.value.usage["model_calls"] == 3
+    assert state.values["status"] == "failed" and state.values["error"]["type"] == "RepairExhausted"
+
+
+def test_same_invalid_output_twice_stops_early(tmp_path: Path) -> None:
+    contract = Contract(input=Question, output=Forecast, instructions="x", repair_budget=5)
+    script = [answer(city="Oslo", celsius=99)] * 6
+    result, _, model = run(script, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "failed" and len(model.calls) == 2
+    assert "repeated the same invalid output" in result["error"]["message"]
+
+
+def test_a_model_that_only_calls_tools_cannot_loop(tmp_path: Path) -> None:
+    model_script = [call("weather", city=f"City{i}") for i in range(50)]
+    result, _, model = run(
+        model_script, tmp=tmp_path, strategy="prompted", allow_repeat_tools=True, max_tool_rounds=3
+    )
+    assert result["status"] == "failed"
+    assert len(model.calls) <= 2 + 3 + CONTRACT.repair_budget
+
+
+def test_hung_and_failing_tools_are_reported_to_the_model(tmp_path: Path) -> None:
+    tools = [make_tool(slow, "weather", timeout_s=0.2)]
+    started = time.perf_counter()
+    result, state, _ = run(
+        [call("weather", city="Oslo"), answer(city="Oslo", celsius=3)], tmp=tmp_path, tools=tools
+    )
+    assert time.perf_counter() - started < 2.5
+    assert result["status"] == "ok"
+    assert (
+        "did not finish within 0.2 s"
+        in next(m for m in state.values["messages"] if isinstance(m, ToolMessage)).content
+    )
+    result, state, _ = run(
+        [call("weather", city="Oslo"), answer(city="Oslo", celsius=3)],
+        tmp=tmp_path,
+        tools=[make_tool(boom, "weather")],
+        thread="u",
+    )
+    assert (
+        "RuntimeError: upstream is down"
+        in next(m for m in state.values["messages"] if isinstance(m, ToolMessage)).content
+    )
+
+
+def test_transient_model_errors_are_retried(tmp_path: Path) -> None:
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    script = [openai.APITimeoutError(request=request), answer(city="Oslo", celsius=21)]
+    result, _, model = run(script, tmp=tmp_path, tools=[])
+    assert result["status"] == "ok" and len(model.calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        ({"city": 5}, "city"),
+        ({}, "city"),
+        ({"city": ""}, "city"),
+        ({"city": "x" * 41}, "city"),
+        ("{not json", "request"),
+        ("x" * 30_000, "request"),
+    ],
+)
+def test_bad_request_ends_typed_without_a_model_call_and_is_kept(
+    tmp_path: Path, request_: Any, field: str
+) -> None:
+    result, state, model = run([], request_, tmp=tmp_path)
+    assert result["status"] == "rejected" and model.calls == []
+    with pytest.raises(InputRejected) as caught:
+        unwrap(result, Forecast)
+    assert caught.value.problems[0].field == field
+    kept = state.values["messages"][-1]
+    assert kept.additional_kwargs["keelgraph"] == "rejected"
+    assert kept.content == (request_ if isinstance(request_, str) else json.dumps(request_))
+
+
+def test_missing_request_key(tmp_path: Path) -> None:
+    model = ScriptedChatModel([])
+    graph = build_graph(CONTRACT, model=model, checkpointer=None)
+    result = graph.invoke({"question": "hi"})  # type: ignore[arg-type]
+    assert result["status"] == "rejected" and result["error"]["problems"][0]["field"] == "request"
+
+
+def test_threads_remember_and_reset_per_turn(tmp_path: Path) -> None:
+    script = [answer(city="Oslo", celsius=21), answer(city="Bergen", celsius=12)]
+    model = ScriptedChatModel(script)
+    graph = build_graph(CONTRACT, model=model, checkpointer=sqlite_checkpointer(tmp_path / "t.db"))
+    config: Any = {"configurable": {"thread_id": "m"}}
+    graph.invoke({"request": {"city": "Oslo"}}, config)
+    second = graph.invoke({"request": {"city": "Bergen"}}, config)
+    assert second["stats"]["model_calls"] == 1  # per-turn stats start from zero
+    seen = [m.content for m in model.calls[1]["messages"]]
+    assert '{"city":"Oslo"}' in seen and '{"city":"Oslo","celsius":21}' in seen  # turn 1 is remembered
+    assert graph.get_state(config).values["usage"]["output_tokens"] > 0
+
+
+def test_build_time_mistakes_are_user_errors() -> None:
+    tool = make_tool(weather, "weather")
+    with pytest.raises(UserError, match="unique"):
+        build_graph(CONTRACT, [tool, tool], model=ScriptedChatModel([]), checkpointer=None)
+    with pytest.raises(UserError, match="reserved"):
+        build_graph(
+            CONTRACT,
+            [make_tool(weather, "final_answer")],
+            model=ScriptedChatModel([]),
+            checkpointer=None,
+        )
+    with pytest.raises(UserError, match="preloaded tool 'weather'"):
+        build_graph(
+            CONTRACT,
+            [make_tool(weather, "weather", preload=True)],
+            model=ScriptedChatModel([]),
+            checkpointer=None,
+        )
+
+
+def test_graph_shape_snapshot() -> None:
+    graph = build_graph(
+        CONTRACT, [make_tool(weather, "weather")], model=ScriptedChatModel([]), checkpointer=None
+    )
+    mermaid = graph.get_graph().draw_mermaid()
+    if not SNAPSHOT.exists():
+        SNAPSHOT.write_text(mermaid)
+    assert mermaid == SNAPSHOT.read_text()

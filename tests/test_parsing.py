@@ -1,0 +1,107 @@
+"""Recovering JSON from what models write, and refusing what cannot be recovered unambiguously."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from keelgraph.contracts import ParseError, parse_json
+from keelgraph.contracts.decision import (
+    AnswerChoice,
+    DecisionError,
+    ToolChoice,
+    decision_schema,
+    grammar_safe,
+    read_decision,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "recoveries"),
+    [
+        ('{"a": 1}', {"a": 1}, ()),
+        ('```json\n{"a": 1}\n```', {"a": 1}, ("removed a code fence",)),
+        ('Sure! {"a": 1} Hope this helps.', {"a": 1}, ("ignored text around the JSON",)),
+        ('{"a": [1, 2,],}', {"a": [1, 2]}, ("removed trailing commas",)),
+        (
+            '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>',
+            {"name": "f", "arguments": {}},
+            ("removed tool-call tags",),
+        ),
+        ('{"a": "}, {"}', {"a": "}, {"}, ()),
+    ],
+)
+def test_recoverable_output(text: str, value: object, recoveries: tuple[str, ...]) -> None:
+    parsed = parse_json(text)
+    assert parsed.value == value
+    assert parsed.recoveries == recoveries
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "empty"),
+        ("I cannot help with that.", "no JSON object"),
+        ('{"a": NaN}', "NaN is not valid JSON"),
+        ('{"a": Infinity}', "Infinity is not valid JSON"),
+        ('{"reply": "the answer is', "truncated"),
+        ('{"a": 1} {"b": 2}', "more than one JSON value"),
+        ("```json\n{}\n``` and ```json\n{}\n```", "2 code blocks"),
+        ("{'a': 1}", "not valid JSON"),
+    ],
+)
+def test_unrecoverable_output_says_why(text: str, reason: str) -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_json(text)
+    assert reason in caught.value.problem.reason
+    assert caught.value.problem.fix
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_parser_never_crashes_on_arbitrary_text(text: str) -> None:
+    with contextlib.suppress(ParseError):
+        parse_json(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+        lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_reading_any_json_value_ends_typed(value: object) -> None:
+    try:
+        decision = read_decision(value, {"lookup"})
+    except DecisionError as exc:
+        assert exc.problem.fix
+    else:
+        assert isinstance(decision, ToolChoice | AnswerChoice)
+
+
+def test_decision_shapes() -> None:
+    tools = {"lookup"}
+    assert read_decision({"action": "lookup", "args": {"q": 1}}, tools) == ToolChoice("lookup", {"q": 1})
+    assert read_decision({"name": "lookup", "arguments": '{"q": 1}'}, tools).args == {"q": 1}  # type: ignore[union-attr]
+    assert read_decision({"action": "final_answer", "answer": {"x": 1}}, tools) == AnswerChoice({"x": 1})
+    assert isinstance(read_decision({"text": "bare answer"}, tools), AnswerChoice)
+    with pytest.raises(DecisionError) as caught:
+        read_decision({"action": "delete_everything", "args": {}}, tools)
+    assert caught.value.kind == "unknown_tool"
+    assert "use one of: lookup, final_answer" in caught.value.problem.fix
+
+
+def test_decision_schema_and_grammar_safety() -> None:
+    answer = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 1200}}}
+    schema = decision_schema(answer, {"lookup": {"type": "object", "properties": {}}})
+    assert [o["properties"]["action"]["const"] for o in schema["anyOf"]] == [
+        "lookup",
+        "final_answer",
+    ]
+    assert "maxLength" not in str(schema)
+    assert decision_schema(answer, {})["properties"]["action"]["const"] == "final_answer"
+    assert grammar_safe({"a": [{"pattern": "x", "type": "string"}]}) == {"a": [{"type": "string"}]}
