@@ -37,7 +37,13 @@ def main() -> None:
             }
             t0 = time.perf_counter()
             reply = httpx.post(f"{server.url}/chat/completions", json=body, timeout=300).json()
-            rows.append((time.perf_counter() - t0, reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]))
+            rows.append(
+                (
+                    time.perf_counter() - t0,
+                    reply["usage"]["prompt_tokens"],
+                    reply["usage"]["completion_tokens"],
+                )
+            )
             print(f"run {i + 1}/{args.runs}: {rows[-1][0]:.2f} s, {rows[-1][2]} tokens out", flush=True)
     gen = [out / secs for secs, _, out in rows]
     result = {

@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
 from pydantic import BaseModel, ValidationError
+
+from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
 
 __all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
 

@@ -6,7 +6,6 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
-from keelgraph.contracts.decision import ANSWER, inline_refs
 from langchain_core.messages import (
     AIMessage,
     AnyMessage,
@@ -17,6 +16,8 @@ from langchain_core.messages import (
 )
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel
+
+from keelgraph.contracts.decision import ANSWER, inline_refs
 
 Strategy = Literal["json_object", "json_schema", "prompted", "tool_calling"]
 Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]

@@ -8,6 +8,13 @@ from typing import Any, Literal
 
 import httpx
 import openai
+from langchain_core.language_models import BaseChatModel
+from langchain_core.tools import BaseTool
+from langgraph.graph import START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
+from langgraph.types import Checkpointer, RetryPolicy
+
 from keelgraph.contracts.contract import Contract
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import UserError
@@ -26,12 +33,6 @@ from keelgraph.graphs.nodes import (
 )
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.tools.execution import policy_of
-from langchain_core.language_models import BaseChatModel
-from langchain_core.tools import BaseTool
-from langgraph.graph import START, StateGraph
-from langgraph.graph.state import CompiledStateGraph
-from langgraph.store.base import BaseStore
-from langgraph.types import Checkpointer, RetryPolicy
 
 __all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy"]
 

@@ -9,6 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langgraph.runtime import Runtime
+
 from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
 from keelgraph.contracts.decision import (
     ANSWER,
@@ -30,11 +36,6 @@ from keelgraph.graphs._prompt import (
 )
 from keelgraph.graphs.state import Context, State, Stats
 from keelgraph.tools.execution import policy_of, run_tool_call
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
-from langchain_core.runnables import Runnable
-from langchain_core.tools import BaseTool
-from langgraph.runtime import Runtime
 
 __all__ = [
     "AgentSpec",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
+
 from keelgraph.contracts import (
     Attempt,
     CheckContext,
@@ -21,7 +23,6 @@ from keelgraph.graphs import Context, build_graph, graph_builder, sqlite_checkpo
 from keelgraph.models import chat_model, default_model
 from keelgraph.settings import Settings
 from keelgraph.tools import ToolPolicy, with_policy
-from pydantic import BaseModel
 
 __all__ = [
     "Attempt",

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from keelgraph.contracts.errors import UserError
-from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
 from langchain_core.language_models import BaseChatModel
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
+
+from keelgraph.contracts.errors import UserError
+from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
 
 __all__ = [
     "EMBEDDED_MODEL",

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from keelgraph.models import LocalModelServer
 from keelgraph.settings import Settings
 

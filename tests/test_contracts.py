@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
 from keelgraph import CheckContext, Contract, ContractError, InputRejected
 from keelgraph.contracts import OutputInvalid
-from pydantic import BaseModel, ConfigDict, Field
 
 
 class Ask(BaseModel):

@@ -10,6 +10,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.tools import StructuredTool
+from pydantic import BaseModel, Field
+
 from keelgraph import (
     Contract,
     InputRejected,
@@ -21,9 +25,6 @@ from keelgraph import (
     with_policy,
 )
 from keelgraph.testing import ScriptedChatModel, answer, call
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from langchain_core.tools import StructuredTool
-from pydantic import BaseModel, Field
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.mmd"
 

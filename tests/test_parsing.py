@@ -7,6 +7,7 @@ import contextlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from keelgraph.contracts import ParseError, parse_json
 from keelgraph.contracts.decision import (
     AnswerChoice,

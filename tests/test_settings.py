@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from keelgraph import Settings, UserError
 from keelgraph.graphs import infer_strategy
 from keelgraph.models import chat_model

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from keelgraph import sqlite_checkpointer
 from keelgraph.graphs.support import make_graph, reports_problem, seed_database
 from keelgraph.testing import ScriptedChatModel, answer, call

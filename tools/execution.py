@@ -9,9 +9,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from keelgraph.contracts.errors import Problem, explain
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ValidationError
+
+from keelgraph.contracts.errors import Problem, explain
 
 __all__ = [
     "CallOutcome",

@@ -15,7 +15,12 @@ def keelgraph(*args: str, data: Path, timeout: float = 300) -> subprocess.Comple
     env = {**os.environ, "KEELGRAPH_DATA_DIR": str(data)}
     env.pop("KEELGRAPH_BASE_URL", None)  # the embedded default, reusing the session's server
     return subprocess.run(
-        [sys.executable, "-m", "keelgraph", *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+        [sys.executable, "-m", "keelgraph", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -33,16 +38,23 @@ def test_demo(data: Path) -> None:
     assert "- customer_id: Input should be a valid integer" in out and "fix: send a whole number" in out
     assert "=== summary" in out and "thread      : ci-demo" in out
     # Every model turn ended in a defined state, and the thread is in the documented data directory.
-    assert all(s in {"ok", "failed"} for s in [line.split(":")[1].strip() for line in out.splitlines() if line.startswith("status")][:2])
+    assert all(
+        s in {"ok", "failed"}
+        for s in [line.split(":")[1].strip() for line in out.splitlines() if line.startswith("status")][:2]
+    )
     assert (data / "threads.db").exists()
     history = keelgraph("history", "--thread", "ci-demo", data=data)
     assert '[human:rejected] {"customer_id": "abc", "message": ""}' in history.stdout
 
 
 def test_thread_continues_across_processes(data: Path) -> None:
-    first = keelgraph("ask", "--thread", "t1", '{"customer_id": 1, "message": "Where is my order 1002?"}', data=data)
+    first = keelgraph(
+        "ask", "--thread", "t1", '{"customer_id": 1, "message": "Where is my order 1002?"}', data=data
+    )
     assert first.returncode in {0, 3}, first.stderr
-    second = keelgraph("ask", "--thread", "t1", '{"customer_id": 1, "message": "When did I place it?"}', data=data)
+    second = keelgraph(
+        "ask", "--thread", "t1", '{"customer_id": 1, "message": "When did I place it?"}', data=data
+    )
     assert second.returncode in {0, 3}, second.stderr
     history = keelgraph("history", "--thread", "t1", data=data).stdout
     assert "Where is my order 1002?" in history and "When did I place it?" in history

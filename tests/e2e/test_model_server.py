@@ -19,7 +19,9 @@ def _free_port() -> int:
 
 
 def test_start_reuse_stop(model_server: str) -> None:
-    settings = dataclasses.replace(Settings.from_env(), llama_port=_free_port(), llama_threads=1, llama_ctx=1024)
+    settings = dataclasses.replace(
+        Settings.from_env(), llama_port=_free_port(), llama_threads=1, llama_ctx=1024
+    )
     first = LocalModelServer(settings)
     url = first.start()
     try:
