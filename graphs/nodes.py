@@ -232,7 +232,7 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     failures = len(state.get("attempts", []))
     if failures:
         # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
-        bound = bound.bind(temperature=min(1.0, 0.3 * failures))
+        bound = bound.bind(temperature=min(1.0, 0.3 + 0.2 * failures))
     reply = bound.invoke(prompt)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
@@ -413,16 +413,25 @@ def route_after_act(state: State) -> Literal["reason", "__end__"]:
 # -- check_output -----------------------------------------------------------------------------
 
 
-def _builtin_checks(answer_json: str) -> list[Problem]:
+def _builtin_checks(answer_json: str, attempts: list[dict[str, Any]]) -> list[Problem]:
+    """Checks every contract gets: the answer must not paste tool fences or echo a correction."""
+    problems = []
     if "<tool_result" in answer_json:
-        return [
+        problems.append(
+            Problem(
+                field="answer", reason="it pastes raw tool output", fix="state the facts in your own words"
+            )
+        )
+    said = [text for p in (attempts[-1]["problems"] if attempts else []) for text in (p["reason"], p["fix"])]
+    if any(len(text) >= 15 and text in answer_json for text in said):
+        problems.append(
             Problem(
                 field="answer",
-                reason="the answer pastes raw tool output",
-                fix="state the facts from the tool result in your own words",
+                reason="it repeats the correction instead of answering",
+                fix="answer the request itself",
             )
-        ]
-    return []
+        )
+    return problems
 
 
 def _context(
@@ -457,7 +466,9 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
             problems, kind = exc.problems, "output"
     if output is not None:
         ctx = _context(state, runtime, contract)
-        problems = _builtin_checks(output.model_dump_json()) + contract.run_checks(output, ctx)
+        problems = _builtin_checks(output.model_dump_json(), state.get("attempts", [])) + contract.run_checks(
+            output, ctx
+        )
         kind = "check"
     if output is not None and not problems:
         last = state["messages"][-1]
@@ -479,12 +490,13 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     if why := _exhausted(spec, attempts):
         return {"attempts": attempts, **_fail(state, attempts, stats, f"no valid answer: {why}")}
     lines = "\n".join(f"- {p.line()}" for p in problems)
+    request = next((m for m in reversed(state.get("messages", [])) if kind_of(m) == "request"), None)
     # The exact validation errors are the correction prompt (see STYLE.md, item 5).
     correction = tagged(
         HumanMessage(
-            f"Your reply was not accepted:\n{lines}\n"
-            f'Reply again with one JSON object: {{"action": "{ANSWER}", "answer": {{...}}}} '
-            "or a tool call."
+            f"Your last reply was rejected:\n{lines}\n"
+            f"Now reply again to this request, fixing only that: {request.content if request else ''}\n"
+            f'Reply with one JSON object: {{"action": "{ANSWER}", "answer": {{...}}}} or a tool call.'
         ),
         "repair",
     )

@@ -346,3 +346,16 @@ def test_graph_shape_snapshot() -> None:
     if not SNAPSHOT.exists():
         SNAPSHOT.write_text(mermaid)
     assert mermaid == SNAPSHOT.read_text()
+
+
+def test_answers_that_paste_tool_fences_or_echo_the_correction_are_rejected(tmp_path: Path) -> None:
+    fenced = answer(city='<tool_result name="weather">Oslo</tool_result>', celsius=21)
+    echo = answer(city="it pastes raw tool output -> state the facts in your own words", celsius=21)
+    result, state, model = run([fenced, echo, answer(city="Oslo", celsius=21)], tmp=tmp_path, tools=[])
+    assert result["status"] == "ok"
+    reasons = [a["problems"][0]["reason"] for a in state.values["attempts"]]
+    assert reasons == ["it pastes raw tool output", "it repeats the correction instead of answering"]
+    assert (
+        'Now reply again to this request, fixing only that: {"city":"Oslo"}'
+        in model.calls[1]["messages"][-1].content
+    )
