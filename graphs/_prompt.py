@@ -80,6 +80,7 @@ def system_prompt(
     answer_schema: Mapping[str, Any],
     tools: Sequence[BaseTool],
     strategy: Strategy,
+    schemas: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     answer = inline_refs(answer_schema)
     parts = [instructions.strip(), ""]
@@ -99,7 +100,7 @@ def system_prompt(
             parts.append("")
             parts.append("Tools:")
             for tool in tools:
-                args = tool_args_schema(tool)
+                args = (schemas or {}).get(tool.name) or tool_args_schema(tool)
                 sig = ", ".join(f"{k}: {_type_of(v)}" for k, v in args.get("properties", {}).items())
                 parts.append(f"- {tool.name}({sig}): {tool.description.strip()}")
         else:

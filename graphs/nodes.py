@@ -35,7 +35,7 @@ from keelgraph.graphs._prompt import (
     tool_args_schema,
 )
 from keelgraph.graphs.state import Context, State, Stats
-from keelgraph.tools.execution import policy_of, run_tool_call
+from keelgraph.tools.execution import GuardContext, allowed_values, policy_of, run_tool_call
 
 __all__ = [
     "AgentSpec",
@@ -161,6 +161,25 @@ def route_after_input(state: State) -> Literal["act", "reason", "__end__"]:
 # -- reason -----------------------------------------------------------------------------------
 
 
+def _guard_context(state: State) -> GuardContext:
+    messages = state.get("messages", [])
+    earlier = [json.loads(str(m.content)) for m in messages if kind_of(m) == "answer"]
+    return GuardContext(state.get("input") or {}, earlier, state.get("tool_log", []))
+
+
+def _offered_schemas(state: State, tools: list[BaseTool]) -> dict[str, dict[str, Any]]:
+    """Each offered tool's argument schema, narrowed by its policy's choices for this context."""
+    ctx = _guard_context(state)
+    schemas = {}
+    for tool in tools:
+        schema = tool_args_schema(tool)
+        for arg, values in allowed_values(tool, ctx).items():
+            if arg in schema.get("properties", {}):
+                schema["properties"][arg] = {**schema["properties"][arg], "enum": values}
+        schemas[tool.name] = schema
+    return schemas
+
+
 def _allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
     if state.get("answer_only") or state.get("tool_rounds", 0) >= spec.max_tool_rounds:
         return []
@@ -175,7 +194,7 @@ def _allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
 
 
 def _bind(
-    model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool]
+    model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool], schemas: dict[str, dict[str, Any]]
 ) -> Runnable[LanguageModelInput, BaseMessage]:
     answer = spec.contract.output_schema()
     if spec.strategy == "tool_calling":
@@ -189,7 +208,7 @@ def _bind(
         }
         choice = "required" if allowed else ANSWER
         return model.bind_tools([*allowed, final], tool_choice=choice)
-    schema = decision_schema(answer, {t.name: tool_args_schema(t) for t in allowed})
+    schema = decision_schema(answer, schemas)
     if spec.strategy == "json_object":
         # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server).
         fmt = {"type": "json_object", "schema": schema}
@@ -226,9 +245,12 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
             f"stopped after {stats['model_calls']} model calls in one turn (the limit)",
         )
     allowed = _allowed_tools(state, spec)
-    system = system_prompt(spec.contract.instructions, spec.contract.output_schema(), allowed, spec.strategy)
+    schemas = _offered_schemas(state, allowed)
+    system = system_prompt(
+        spec.contract.instructions, spec.contract.output_schema(), allowed, spec.strategy, schemas
+    )
     prompt = render(state.get("messages", []), system, spec.strategy)
-    bound = _bind(spec.chat_model(), spec, allowed)
+    bound = _bind(spec.chat_model(), spec, allowed, schemas)
     failures = len(state.get("attempts", []))
     if failures:
         # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
@@ -317,6 +339,16 @@ def _exhausted(spec: AgentSpec, attempts: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _refusal(tool: BaseTool, args: Mapping[str, Any], state: State) -> str | None:
+    """Why the policy forbids this call here (choices first, then the guard), or None."""
+    ctx = _guard_context(state)
+    for arg, values in allowed_values(tool, ctx).items():
+        if args.get(arg) not in values:
+            return f"{arg}={args.get(arg)!r} is not allowed here; use one of {values}"
+    guard = policy_of(tool).guard
+    return guard(args, ctx) if guard is not None else None
+
+
 def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
     messages = state.get("messages", [])
@@ -375,7 +407,15 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
             continue
         tool = spec.tools[name]
         request = state.get("input") or {}
-        args.update({k: request[k] for k in policy_of(tool).from_input if k in request})
+        policy = policy_of(tool)
+        args.update({k: request[k] for k in policy.from_input if k in request})
+        if refusal := _refusal(tool, args, {**state, "tool_log": tool_log}):
+            problem = Problem(field=f"args of {name}", reason=refusal, fix="correct the arguments")
+            attempts.append(_attempt(attempts, "tool_args", raw, [problem]))
+            replies.append(
+                ToolMessage(f"NOT RUN: {refusal}", tool_call_id=call_id, name=name, status="error")
+            )
+            continue
         outcome = run_tool_call(tool, call_id, args)
         replies.append(
             ToolMessage(

@@ -19,7 +19,7 @@ from keelgraph.contracts.contract import CheckContext, Contract
 from keelgraph.graphs.builder import build_graph
 from keelgraph.graphs.nodes import ModelSource
 from keelgraph.graphs.state import Context, InputState, OutputState, State
-from keelgraph.tools.execution import with_policy
+from keelgraph.tools.execution import GuardContext, with_policy
 
 __all__ = [
     "SupportReply",
@@ -168,6 +168,17 @@ def present_orders(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) or "this customer has no orders"
 
 
+def orders_in_conversation(ctx: GuardContext) -> dict[str, list[int]]:
+    """A ticket may only be about an order the customer named, now or in the last answer."""
+    message = str(ctx.request.get("message", ""))
+    named = {int(i) for i in re.findall(r"\b(\d{4,})\b", message)}
+    if ctx.earlier_answers:
+        named |= set(ctx.earlier_answers[-1].get("order_ids", []))
+    orders = [o for r in ctx.tool_results if r["name"] == "list_orders" for o in r["output"]["orders"]]
+    named |= {o["order_id"] for o in orders if o["items"].lower() in message.lower()}
+    return {"order_id": sorted(named)}
+
+
 def make_tools(db_path: Path) -> list[BaseTool]:
     """The desk's tools over the database at `db_path`: one read tool and one write tool."""
 
@@ -243,6 +254,7 @@ def make_tools(db_path: Path) -> list[BaseTool]:
             timeout_s=5,
             from_input=("customer_id",),
             offer_when=reports_problem,
+            choices=orders_in_conversation,
         ),
     ]
 

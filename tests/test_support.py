@@ -127,3 +127,21 @@ def test_thread_continues_in_a_new_process(tmp_path: Path, _: None) -> None:
         for turn in (1, 2)
     ]
     assert outputs == ["0", "1"]  # the second process's model saw the first process's answer
+
+
+def test_ticket_for_an_order_the_conversation_is_not_about_is_refused(tmp_path: Path) -> None:
+    script = [
+        answer(reply="Order 1002 has shipped.", order_ids=[1002]),
+        call("open_ticket", customer_id=1, order_id=1001, kind="damaged", note="damaged"),
+        call("open_ticket", customer_id=1, order_id=1002, kind="damaged", note="damaged"),
+        answer(reply="Ticket opened for order 1002.", order_ids=[1002]),
+    ]
+    g, model = graph(tmp_path, script)
+    g.invoke({"request": {"customer_id": 1, "message": "Where is order 1002?"}}, CFG)
+    result = g.invoke({"request": {"customer_id": 1, "message": "It arrived damaged, open a ticket"}}, CFG)
+    assert result["output"]["ticket_id"] == 1 and result["output"]["order_ids"] == [1002]
+    refused = model.calls[2]["messages"][-1].content
+    assert "NOT RUN: order_id=1001 is not allowed here; use one of [1002]" in refused
+    assert "open_ticket(customer_id: integer, order_id: 1002, kind:" in model.calls[1]["messages"][0].content
+    rows = sqlite3.connect(tmp_path / "shop.db").execute("SELECT order_id FROM tickets").fetchall()
+    assert rows == [(1002,)]

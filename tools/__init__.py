@@ -2,6 +2,7 @@
 
 from keelgraph.tools.execution import (
     CallOutcome,
+    GuardContext,
     SideEffect,
     ToolPolicy,
     fence,
@@ -12,6 +13,7 @@ from keelgraph.tools.execution import (
 
 __all__ = [
     "CallOutcome",
+    "GuardContext",
     "SideEffect",
     "ToolPolicy",
     "fence",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -29,6 +29,18 @@ _POLICY_KEY = "keelgraph_policy"
 
 
 @dataclass(frozen=True)
+class GuardContext:
+    """What a tool guard may look at."""
+
+    request: Mapping[str, Any]
+    """This turn's validated request."""
+    earlier_answers: Sequence[Mapping[str, Any]]
+    """The thread's earlier validated answers, oldest first."""
+    tool_results: Sequence[Mapping[str, Any]]
+    """This turn's successful tool calls so far."""
+
+
+@dataclass(frozen=True)
 class ToolPolicy:
     """How keelgraph runs a tool. Attach with `with_policy(tool, ...)`."""
 
@@ -44,6 +56,13 @@ class ToolPolicy:
     present: Callable[[Any], str] | None = None
     """How the result is shown to the model (a line per record reads better than nested JSON for
     small models); checks and the thread still get the structured output."""
+    guard: Callable[[Mapping[str, Any], GuardContext], str | None] | None = None
+    """Checked before the tool runs: return why this call must not run (it goes back to the model
+    as a repair), or None. For write tools, the place to demand evidence for the arguments."""
+    choices: Callable[[GuardContext], Mapping[str, Sequence[Any]]] | None = None
+    """Allowed values per argument, given the request and the thread (an empty list: no limit).
+    Enforced before the tool runs, and written into the step's schema as an `enum`, so a
+    schema-constrained model cannot even write another value."""
     preload: bool = False
     """Run the tool at the start of every turn, with all arguments from the request, before the
     model is asked anything: facts the model always needs are fetched, not hoped for."""
@@ -95,6 +114,14 @@ def fence(name: str, output: Any, limit: int) -> str:
     if len(text) > limit:
         text = f"{text[:limit]}... [cut: {len(text) - limit} more characters]"
     return f"<tool_result name={json.dumps(name)}>\n{text}\n</tool_result>"
+
+
+def allowed_values(tool: BaseTool, ctx: GuardContext) -> dict[str, list[Any]]:
+    """The tool's argument choices in this context, without the empty (unlimited) ones."""
+    policy = policy_of(tool)
+    if policy.choices is None:
+        return {}
+    return {name: list(values) for name, values in policy.choices(ctx).items() if values}
 
 
 def _validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
