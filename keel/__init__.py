@@ -22,7 +22,7 @@ from keelgraph.contracts import (
 from keelgraph.graphs import Context, build_graph, graph_builder, sqlite_checkpointer
 from keelgraph.models import chat_model, default_model
 from keelgraph.settings import Settings
-from keelgraph.tools import ToolPolicy, with_policy
+from keelgraph.tools import GuardContext, ToolPolicy, with_policy
 
 __all__ = [
     "Attempt",
@@ -31,6 +31,7 @@ __all__ = [
     "Contract",
     "ContractError",
     "Failure",
+    "GuardContext",
     "InputRejected",
     "KeelgraphError",
     "Problem",
