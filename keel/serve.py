@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import FrameType
 
 import httpx
 
@@ -25,30 +28,72 @@ _QUIET = {
     "LANGSMITH_TRACING": "false",
     "LANGCHAIN_TRACING_V2": "false",
 }
+_KEYS = ("LANGSMITH_API_KEY", "LANGCHAIN_API_KEY")
+_NEEDS = ("langgraph_cli", "langgraph_api", "langgraph_runtime_inmem")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MOVED = re.compile(r"Port \d+ is already in use, using port (\d+) instead")
 
 
 def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for an offline server: no analytics, no version check, no tracing.
+    """A copy of `base` (default: this process's environment) for an offline server.
 
-    LangSmith keys are dropped too: tracing turns itself on when one is set.
+    No analytics, no version check, no tracing; LangSmith keys are dropped too, since tracing turns
+    itself on when one is set and would try to reach the internet.
     """
     env = dict(os.environ if base is None else base)
-    for key in ("LANGSMITH_API_KEY", "LANGCHAIN_API_KEY"):
+    for key in _KEYS:
         env.pop(key, None)
     env.update(_QUIET)
     return env
 
 
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (port 2024, langgraph dev's default, is taken on some machines)."""
+    """A free TCP port on 127.0.0.1.
+
+    Always pass one to `langgraph dev`: when its default port 2024 is taken it silently picks a
+    random one.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
 
 
+def _command() -> list[str]:
+    missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"serving needs {', '.join(missing)}: run `pip install 'keelgraph[serve]'` (or `bash .ci/setup`)"
+        )
+    return [sys.executable, "-m", "langgraph_cli"]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ok", timeout=2.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 class DevServer:
     """A `langgraph dev` process on 127.0.0.1, started and stopped by this object.
+
+    The process runs in its own session (so `stop()` ends its whole process group), in the config's
+    folder (where it keeps its in-memory state, `.langgraph_api/`), with its output in `log`.
 
     >>> with DevServer(Path("langgraph.json")) as server:  # doctest: +SKIP
     ...     print(server.url)
@@ -70,6 +115,7 @@ class DevServer:
 
     @property
     def url(self) -> str:
+        """The server's base URL, e.g. `http://127.0.0.1:8123`."""
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> DevServer:
@@ -79,13 +125,25 @@ class DevServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout_s: float = 90.0) -> str:
-        if not self.config.exists():
-            raise UserError(f"no {self.config.name} at {self.config.parent}: run from the repository root")
+    def start(self, timeout_s: float = 60.0) -> str:
+        """Start the server and wait until `GET /ok` answers 200; returns the URL.
+
+        Raises `UserError` with the end of the log if the process exits or does not answer in time.
+        If the wait is interrupted (Ctrl-C), the half-started server is stopped first.
+        """
+        if self.process is not None and self.process.poll() is None:
+            return self.url
+        if not self.config.is_file():
+            raise UserError(f"no {self.config.name} in {self.config.parent}: run from the project's folder")
+        if not _port_free(self.port):
+            raise UserError(
+                f"port {self.port} on 127.0.0.1 is in use: choose another, or none for a free one"
+            )
         cmd = [
-            sys.executable, "-m", "langgraph_cli", "dev", "--no-browser", "--no-reload",
+            *_command(), "dev", "--no-browser", "--no-reload",
             "--host", "127.0.0.1", "--port", str(self.port), "--config", str(self.config),
         ]  # fmt: skip
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
                 cmd,
@@ -96,21 +154,37 @@ class DevServer:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+        try:
+            return self._wait(self.process, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait(self, process: subprocess.Popen[bytes], timeout_s: float) -> str:
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
-            if self.process.poll() is not None:
-                raise UserError(f"langgraph dev exited with {self.process.returncode}:\n{self._tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/ok", timeout=2).status_code == 200:
-                    return self.url
+            code = process.poll()
+            if code is not None:
+                raise UserError(f"langgraph dev exited with {code} (log: {self.log}):\n{self._tail()}")
+            # langgraph dev moves to a random port, with only a warning, when the given one is taken
+            # (another process may have bound it since the check above): follow it.
+            moved = _MOVED.search(self._tail(20_000))
+            if moved:
+                self.port = int(moved.group(1))
+            if _answers(self.url):
+                return self.url
             time.sleep(0.2)
-        self.stop()
-        raise UserError(f"langgraph dev did not answer within {timeout_s:.0f} s:\n{self._tail()}")
+        raise UserError(
+            f"langgraph dev did not answer on {self.url} within {timeout_s:.0f} s (log: {self.log}):\n"
+            f"{self._tail()}"
+        )
 
-    def _tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+    def _tail(self, chars: int = 2000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return _ANSI.sub("", text)[-chars:]
 
     def stop(self) -> None:
+        """Stop the server: SIGTERM to its process group, SIGKILL if it still runs after 10 s."""
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return
@@ -125,19 +199,31 @@ class DevServer:
 
 
 def run(port: int | None = None, config: Path | None = None) -> int:
-    """Serve in the foreground until Ctrl-C (`keelgraph serve`)."""
-    server = DevServer(config or Path("langgraph.json"), port=port)
-    server.start()
-    print(
-        f"serving {server.config} at {server.url} (API docs: {server.url}/docs); Ctrl-C stops it", flush=True
-    )
-    print(f"log: {server.log}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    """Serve in the foreground until Ctrl-C or SIGTERM (`keelgraph serve`); returns the exit code.
+
+    0 when stopped on request, 130 when interrupted while starting, the server's own exit code (or
+    1) if it stopped by itself. The server is stopped in every case.
+    """
+    server = DevServer(config or Path.cwd() / "langgraph.json", port=port)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    serving = False
     try:
-        while server.process is not None and server.process.poll() is None:
+        server.start()
+        serving = True
+        print(
+            f"serving {server.config} at {server.url} (API docs: {server.url}/docs); Ctrl-C stops it",
+            flush=True,
+        )
+        print(f"log: {server.log}", flush=True)
+        while server.process is not None:
+            code = server.process.poll()
+            if code is not None:
+                print(f"langgraph dev exited with {code}; see {server.log}", file=sys.stderr, flush=True)
+                return code if code > 0 else 1
             time.sleep(0.5)
+        return 0
     except KeyboardInterrupt:
-        pass
+        return 0 if serving else 130
     finally:
         server.stop()
-    return 0
+        signal.signal(signal.SIGTERM, previous)
