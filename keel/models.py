@@ -7,8 +7,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
+from keelgraph._process import free_port, port_free, stop_group
 from keelgraph.contracts.errors import UserError
 from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
 
@@ -204,23 +203,6 @@ def _answers(url: str, model_name: str) -> bool:
     return reply.status_code == 200 and model_name in ids
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class LocalModelServer:
     """The embedded llama.cpp OpenAI-compatible server on 127.0.0.1.
 
@@ -260,8 +242,8 @@ class LocalModelServer:
         with _file_lock(self.settings.cache_dir / "server.lock"):
             if _answers(self.url, name):
                 return self.url
-            if not _port_free(self.port):
-                self.port = _free_port()
+            if not port_free(self.port):
+                self.port = free_port()
             log = self.settings.cache_dir / f"llama-server-{self.port}.log"
             cmd = [
                 sys.executable, "-m", "llama_cpp.server",
@@ -299,16 +281,7 @@ class LocalModelServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_group(process)
 
 
 _STARTED: list[LocalModelServer] = []

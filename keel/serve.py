@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ from types import FrameType
 
 import httpx
 
+from keelgraph._process import free_port, port_free, stop_group
 from keelgraph.contracts.errors import UserError
 
 __all__ = ["DevServer", "free_port", "run", "serve_env"]
@@ -47,18 +46,6 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1.
-
-    Always pass one to `langgraph dev`: when its default port 2024 is taken it silently picks a
-    random one.
-    """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _command() -> list[str]:
     missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
     if missing:
@@ -66,16 +53,6 @@ def _command() -> list[str]:
             f"serving needs {', '.join(missing)}: run `pip install 'keelgraph[serve]'` (or `bash .ci/setup`)"
         )
     return [sys.executable, "-m", "langgraph_cli"]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -135,7 +112,7 @@ class DevServer:
             return self.url
         if not self.config.is_file():
             raise UserError(f"no {self.config.name} in {self.config.parent}: run from the project's folder")
-        if not _port_free(self.port):
+        if not port_free(self.port):
             raise UserError(
                 f"port {self.port} on 127.0.0.1 is in use: choose another, or none for a free one"
             )
@@ -186,16 +163,7 @@ class DevServer:
     def stop(self) -> None:
         """Stop the server: SIGTERM to its process group, SIGKILL if it still runs after 10 s."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_group(process)
 
 
 def run(port: int | None = None, config: Path | None = None) -> int:
