@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -164,6 +165,11 @@ class Contract(Generic[InT, OutT]):
     # -- output --------------------------------------------------------------------------------
 
     def output_schema(self) -> dict[str, Any]:
+        """The output model's JSON schema, generated once per contract (read it, don't mutate it)."""
+        return self._output_schema
+
+    @functools.cached_property
+    def _output_schema(self) -> dict[str, Any]:
         return self.output.model_json_schema()
 
     def parse_output(self, value: Any) -> OutT:

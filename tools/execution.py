@@ -163,33 +163,23 @@ def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOut
     worker.start()
     worker.join(policy.timeout_s)
     seconds = time.perf_counter() - started
+    failure: tuple[Literal["timeout", "tool_error"], str, str] | None = None
     if worker.is_alive():
-        problem = Problem(
-            field=tool.name,
-            reason=f"the tool did not finish within {policy.timeout_s:g} s",
-            fix="answer with what you know, or try a narrower request",
-        )
-        return CallOutcome(
-            call_id,
-            tool.name,
-            args,
-            ok=False,
-            content=f"ERROR: {problem.reason}.",
-            problems=[problem],
-            kind="timeout",
-            seconds=seconds,
-        )
-    if "error" in box:
+        reason = f"the tool did not finish within {policy.timeout_s:g} s"
+        failure = ("timeout", reason, "answer with what you know, or try a narrower request")
+    elif "error" in box:
         exc = box["error"]
-        problem = Problem(field=tool.name, reason=f"{type(exc).__name__}: {exc}", fix="check the arguments")
+        failure = ("tool_error", f"{tool.name} failed: {type(exc).__name__}: {exc}", "check the arguments")
+    if failure is not None:
+        kind, reason, fix = failure
         return CallOutcome(
             call_id,
             tool.name,
             args,
             ok=False,
-            content=f"ERROR: {tool.name} failed: {type(exc).__name__}: {exc}",
-            problems=[problem],
-            kind="tool_error",
+            content=f"ERROR: {reason}.",
+            problems=[Problem(field=tool.name, reason=reason, fix=fix)],
+            kind=kind,
             seconds=seconds,
         )
     output = box.get("output")
