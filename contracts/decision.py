@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ __all__ = [
     "DecisionError",
     "ToolChoice",
     "decision_schema",
+    "grammar_pattern",
     "grammar_safe",
     "inline_refs",
     "read_decision",
@@ -71,29 +73,88 @@ def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-_GRAMMAR_UNSAFE = frozenset(
-    {
-        "maxLength",
-        "minLength",
-        "maxItems",
-        "minItems",
-        "pattern",
-        "format",
-        "uniqueItems",
-        "default",
-        "examples",
-    }
-)
+_GRAMMAR_UNSAFE = frozenset({"maxLength", "format", "uniqueItems", "default", "examples"})
+_SMALL = {"minLength": 16, "minItems": 10, "maxItems": 10}
+"""Counted keywords kept in the grammar only up to these sizes (each count becomes rules)."""
+
+_CLASS = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n"}
+_COUNT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def grammar_pattern(pattern: str) -> str | None:
+    """`pattern` rewritten for llama.cpp's schema-to-grammar converter, or None to leave it out.
+
+    The converter copies `\\d` and `\\.` into grammar literals it cannot parse (the server then
+    fails or dies), and only takes patterns anchored at both ends. Shorthand classes become
+    explicit ones, escaped punctuation a one-character class; lookarounds, back-references, word
+    boundaries and counts over 32 are left to validation after parsing.
+
+    >>> grammar_pattern(r"^\\d{5}$")
+    '^[0-9]{5}$'
+    >>> grammar_pattern(r"^SKU-\\d{3}\\.x$")
+    '^SKU-[0-9]{3}[.]x$'
+    >>> grammar_pattern(r"\\d+") is None  # unanchored: "contains", not expressible as a grammar
+    True
+    """
+    if not (pattern.startswith("^") and pattern.endswith("$")) or pattern.endswith("\\$") or "(?" in pattern:
+        return None
+    if any(int(n) > 32 for m in _COUNT.finditer(pattern) for n in m.groups() if n):
+        return None
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            if i + 1 >= len(pattern):
+                return None
+            nxt = pattern[i + 1]
+            if nxt in _CLASS:
+                out.append(_CLASS[nxt] if in_class else f"[{_CLASS[nxt]}]")
+            elif not nxt.isalnum() and nxt not in "]\\^-":
+                out.append(nxt if in_class else f"[{nxt}]")
+            else:
+                return None  # \\b, \\D, \\1, \\p{..}, escaped ] ^ - \\: not worth the risk
+            i += 2
+            continue
+        if ch == "[" and not in_class:
+            in_class = True
+        elif ch == "]" and in_class:
+            in_class = False
+        out.append(ch)
+        i += 1
+    return "".join(out)
 
 
 def grammar_safe(schema: Any) -> Any:
-    """Drop keywords that blow up grammar compilers (a `maxLength` of 1,200 becomes 1,200 nested
-    rules and crashed llama.cpp's server). The contract still enforces them after parsing."""
-    if isinstance(schema, dict):
-        return {k: grammar_safe(v) for k, v in schema.items() if k not in _GRAMMAR_UNSAFE}
+    """The schema as a grammar compiler can take it; the contract still enforces the original.
+
+    Drops keywords that blow up grammar compilers (a `maxLength` of 1,200 becomes 1,200 nested
+    rules and crashed llama.cpp's server), keeps small counts, and rewrites patterns with
+    `grammar_pattern` (dropped when they cannot be expressed safely).
+
+    >>> grammar_safe({"type": "string", "pattern": r"^\\d{5}$", "maxLength": 5})
+    {'type': 'string', 'pattern': '^[0-9]{5}$'}
+    """
     if isinstance(schema, list):
         return [grammar_safe(v) for v in schema]
-    return schema
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in {"properties", "$defs"} and isinstance(value, dict):
+            out[key] = {name: grammar_safe(sub) for name, sub in value.items()}  # names, not keywords
+            continue
+        if key in _GRAMMAR_UNSAFE:
+            continue
+        if key in _SMALL and isinstance(value, int):
+            if value <= _SMALL[key]:
+                out[key] = value
+            continue
+        if key == "pattern" and isinstance(value, str):
+            if (rewritten := grammar_pattern(value)) is not None:
+                out[key] = rewritten
+            continue
+        out[key] = grammar_safe(value)
+    return out
 
 
 def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -126,7 +126,8 @@ def _turn_start(messages: Sequence[AnyMessage]) -> int:
 
 
 def render(messages: Sequence[AnyMessage], system: str, strategy: Strategy) -> list[BaseMessage]:
-    """Fresh messages for the model: earlier turns as question and answer, this turn in full.
+    """Fresh messages for the model: earlier turns as question and answer, this turn without its
+    rejected drafts (the repair messages name what was wrong with them).
 
     Tool calls and results are written as plain text for the JSON strategies, so any chat template
     can take them; `tool_calling` keeps the provider's native tool messages.
@@ -141,6 +142,10 @@ def render(messages: Sequence[AnyMessage], system: str, strategy: Strategy) -> l
             out.append(AIMessage(str(msg.content)))
     for msg in messages[start:]:
         kind = kind_of(msg)
+        if kind == "candidate":
+            # Rejected drafts stay in the thread but not in the prompt: a small model shown its
+            # own rejected answer copies it. The repair message says what was wrong instead.
+            continue
         if isinstance(msg, HumanMessage):
             out.append(HumanMessage(str(msg.content)))
         elif isinstance(msg, AIMessage):

@@ -534,8 +534,8 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     # The exact validation errors are the correction prompt (see STYLE.md, item 5).
     correction = tagged(
         HumanMessage(
-            f"Your last reply was rejected:\n{lines}\n"
-            f"Now reply again to this request, fixing only that: {request.content if request else ''}\n"
+            f"A reply to this request was rejected:\n{lines}\n"
+            f"Reply again to the request, without that mistake: {request.content if request else ''}\n"
             f'Reply with one JSON object: {{"action": "{ANSWER}", "answer": {{...}}}} or a tool call.'
         ),
         "repair",

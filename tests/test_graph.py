@@ -355,7 +355,112 @@ def test_answers_that_paste_tool_fences_or_echo_the_correction_are_rejected(tmp_
     assert result["status"] == "ok"
     reasons = [a["problems"][0]["reason"] for a in state.values["attempts"]]
     assert reasons == ["it pastes raw tool output", "it repeats the correction instead of answering"]
+    repair = model.calls[1]["messages"][-1].content
+    assert 'Reply again to the request, without that mistake: {"city":"Oslo"}' in repair
+    # The rejected draft stays in the thread but is not shown again: small models copy it.
+    shown = [str(m.content) for m in model.calls[1]["messages"]]
+    assert not any("Oslo</tool_result>" in text for text in shown)
+
+
+BUDGET_2 = Contract(
+    input=Question,
+    output=Forecast,
+    instructions="Report the weather.",
+    checks=(matches_tool,),
+    repair_budget=2,
+)
+
+
+def _hot(forecast: Forecast, ctx: Any) -> str | None:
+    return "it cannot be that hot" if forecast.celsius > 40 else None
+
+
+@pytest.mark.parametrize(
+    ("case", "script", "kinds", "message", "contract"),
+    [
+        (
+            "output schema",
+            [answer(city="Oslo", celsius=99), answer(city="Oslo"), answer(celsius=1)],
+            ["output", "output", "output"],
+            "repair budget of 2 spent",
+            BUDGET_2,
+        ),
+        (
+            "semantic check",
+            [
+                answer(city="Oslo", celsius=45),
+                answer(city="Oslo", celsius=50),
+                answer(city="Oslo", celsius=55),
+            ],
+            ["check", "check", "check"],
+            "repair budget of 2 spent",
+            Contract(input=Question, output=Forecast, instructions="x", checks=(_hot,), repair_budget=2),
+        ),
+        (
+            "tool arguments",
+            [call("weather", city=""), call("weather", town="Oslo"), call("weather", city=5)],
+            ["tool_args", "tool_args", "tool_args"],
+            "repair budget of 2 spent",
+            BUDGET_2,
+        ),
+        (
+            "unknown tool",
+            [call("radar", city="Oslo"), call("satellite", city="Oslo"), call("almanac", city="Oslo")],
+            ["unknown_tool", "unknown_tool", "unknown_tool"],
+            "repair budget of 2 spent",
+            BUDGET_2,
+        ),
+        (
+            "unparseable",
+            [
+                "NaN",
+                "{'city': 'Oslo'",
+                '{"action": "final_answer", "answer": {"city": "Oslo", "celsius": Infinity}}',
+            ],
+            ["parse", "parse", "parse"],
+            "repair budget of 2 spent",
+            BUDGET_2,
+        ),
+        (
+            "same error twice",
+            [answer(city="Oslo", celsius=99)] * 5,
+            ["output", "output"],
+            "the model repeated the same invalid output; stopped early",
+            Contract(input=Question, output=Forecast, instructions="x", repair_budget=4),
+        ),
+    ],
+)
+def test_every_model_failure_ends_typed_and_recorded_in_the_thread(  # noqa: PLR0917
+    tmp_path: Path, case: str, script: list[Any], kinds: list[str], message: str, contract: Contract[Any, Any]
+) -> None:
+    result, state, model = run(script, tmp=tmp_path, contract=contract)
+    assert result["status"] == "failed", case
+    with pytest.raises(RepairExhausted) as caught:
+        unwrap(result, Forecast)
+    error = caught.value
+    assert [a.kind for a in error.attempts] == kinds
+    assert [a.number for a in error.attempts] == list(range(1, len(kinds) + 1))
+    assert all(a.problems and a.raw for a in error.attempts)  # every try: what came back and why not
+    assert error.usage["model_calls"] == len(model.calls) == len(kinds)
+    assert str(error) == f"no valid answer: {message}"
+    # The thread records the same failure as data, and keeps the request and every try.
+    saved = state.values
+    assert saved["status"] == "failed" and saved["output"] is None
+    assert saved["error"] == result["error"] and saved["error"]["type"] == "RepairExhausted"
+    assert [a["kind"] for a in saved["attempts"]] == kinds
+    tags = [m.additional_kwargs.get("keelgraph") for m in saved["messages"]]
+    assert tags[0] == "request" and "answer" not in tags
+    assert saved["stats"]["model_calls"] == len(kinds)
+
+
+def test_a_tool_loop_ends_typed_and_recorded(tmp_path: Path) -> None:
+    # Valid calls to a new city every time: 3 tool rounds, then each further call is a repair.
+    script = [call("weather", city=f"City{i}") for i in range(50)]
+    result, state, model = run(script, tmp=tmp_path, allow_repeat_tools=True, max_tool_rounds=3)
     assert (
-        'Now reply again to this request, fixing only that: {"city":"Oslo"}'
-        in model.calls[1]["messages"][-1].content
+        result["status"] == "failed"
+        and result["error"]["message"] == "no valid answer: repair budget of 2 spent"
     )
+    assert [a["kind"] for a in result["error"]["attempts"]] == ["repeated_call"] * 3
+    assert len(model.calls) == 3 + 3 <= 2 + 3 + CONTRACT.repair_budget  # under the hard ceiling
+    assert state.values["status"] == "failed" and state.values["error"] == result["error"]

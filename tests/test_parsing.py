@@ -14,6 +14,7 @@ from keelgraph.contracts.decision import (
     DecisionError,
     ToolChoice,
     decision_schema,
+    grammar_pattern,
     grammar_safe,
     read_decision,
 )
@@ -106,3 +107,38 @@ def test_decision_schema_and_grammar_safety() -> None:
     assert "maxLength" not in str(schema)
     assert decision_schema(answer, {})["properties"]["action"]["const"] == "final_answer"
     assert grammar_safe({"a": [{"pattern": "x", "type": "string"}]}) == {"a": [{"type": "string"}]}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "rewritten"),
+    [
+        (r"^\d{5}$", "^[0-9]{5}$"),
+        (r"^[^@\s]+@[^@\s]+\.[a-z]+$", "^[^@ \\t\\n]+@[^@ \\t\\n]+[.][a-z]+$"),
+        (r"^SKU-\d{3}$", "^SKU-[0-9]{3}$"),
+        (r"^[A-Z][a-z]*$", "^[A-Z][a-z]*$"),
+        (r"\d+", None),  # unanchored means "contains": not a grammar
+        (r"^(?=.*x)x+$", None),  # lookahead
+        (r"^\bword$", None),  # word boundary
+        (r"^(a)\1$", None),  # back-reference
+        (r"^x{1,200}$", None),  # a count that becomes 200 rules
+    ],
+)
+def test_patterns_are_rewritten_for_the_grammar_or_left_out(pattern: str, rewritten: str | None) -> None:
+    assert grammar_pattern(pattern) == rewritten
+
+
+def test_grammar_safe_keeps_small_counts_and_field_names() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "pattern": {"type": "string", "pattern": r"^\d{2}$", "maxLength": 2},
+            "default": {"type": "array", "minItems": 1, "maxItems": 500, "default": []},
+        },
+    }
+    assert grammar_safe(schema) == {
+        "type": "object",
+        "properties": {
+            "pattern": {"type": "string", "pattern": "^[0-9]{2}$"},
+            "default": {"type": "array", "minItems": 1},
+        },
+    }

@@ -30,7 +30,14 @@ def served(model_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "KEELGRAPH_OUTPUT_STRATEGY": "json_object",
         "KEELGRAPH_DATA_DIR": str(tmp / "data"),
     }
-    with DevServer(ROOT / "langgraph.json", env=env, log=tmp / "langgraph-dev.log") as server:
+    # The repository's graphs plus a test graph that always fails, from a config in a temp folder
+    # (langgraph dev keeps its thread pickles beside the config).
+    config = json.loads((ROOT / "langgraph.json").read_text())
+    config["dependencies"] = [str(ROOT)]
+    config["graphs"] = {name: str(ROOT / spec.removeprefix("./")) for name, spec in config["graphs"].items()}
+    config["graphs"]["failing"] = f"{ROOT / 'tests/e2e/graphs_for_serving.py'}:failing"
+    (tmp / "langgraph.json").write_text(json.dumps(config))
+    with DevServer(tmp / "langgraph.json", env=env, log=tmp / "langgraph-dev.log") as server:
         yield server.url
 
 
@@ -144,3 +151,22 @@ async def test_streaming_node_updates(client: LangGraphClient) -> None:
     state = await client.threads.get_state(thread)
     assert isinstance(state["values"], dict)
     assert state["values"]["status"] in {"ok", "failed"}
+
+
+async def test_exhausted_repairs_are_structured_data_over_http(client: LangGraphClient) -> None:
+    thread_id = await new_thread(client)
+    result = await client.runs.wait(thread_id, "failing", input={"request": {"a": 2, "b": 3}})
+    assert isinstance(result, dict) and result["status"] == "failed" and result["output"] is None
+    error = result["error"]
+    assert error["type"] == "RepairExhausted" and error["code"] == "repair_exhausted"
+    assert error["message"] == "no valid answer: the model repeated the same invalid output; stopped early"
+    assert [a["kind"] for a in error["attempts"]] == ["output", "output"]
+    assert error["attempts"][0]["raw"] == json.dumps(answer_total(-1))
+    assert error["problems"][0]["field"] == "answer.total" and error["usage"]["model_calls"] == 2
+    state = (await client.threads.get_state(thread_id))["values"]
+    assert isinstance(state, dict) and state["status"] == "failed" and state["error"] == error
+    assert keeps(state["messages"], {"a": 2, "b": 3})
+
+
+def answer_total(total: int) -> dict[str, Any]:
+    return {"action": "final_answer", "answer": {"total": total}}

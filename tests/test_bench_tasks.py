@@ -1,0 +1,133 @@
+"""The reliability benchmark's task set: fixed, answerable, and checked without seeing the answer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keelgraph import CheckContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import reliability
+import reliability_tasks as rt
+
+TASKS = rt.tasks()
+FAMILIES = rt.families()
+TOOLS = {t.name: t for t in FAMILIES["tools"].tools}
+
+
+def _context(task: rt.Task, tool_results: list[dict[str, Any]] | None = None) -> CheckContext[Any]:
+    contract = FAMILIES[task.family].contract
+    return CheckContext(input=contract.parse_input(task.request), tool_results=tool_results or [])
+
+
+def _right_answer(task: rt.Task) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if task.family != "tools":
+        return task.expected, []
+    exp = task.expected
+    output = TOOLS[exp["tool"]].invoke(exp["args"])
+    answer = {"tool": exp["tool"], "result": output, "reply": f"It is {output}."}
+    return answer, [{"name": exp["tool"], "args": exp["args"], "output": output}]
+
+
+def test_the_task_set_is_fixed_and_large_enough() -> None:
+    again = rt.tasks()
+    assert [(t.id, t.request, t.expected) for t in again] == [(t.id, t.request, t.expected) for t in TASKS]
+    assert len(TASKS) >= 50 and len({t.id for t in TASKS}) == len(TASKS)
+    counts = {f: sum(t.family == f for t in TASKS) for f in FAMILIES}
+    assert min(counts.values()) >= 15, counts
+    assert rt.tasks(seed=1) != TASKS  # the seed is what fixes it
+
+
+@pytest.mark.parametrize("task", TASKS, ids=[t.id for t in TASKS])
+def test_every_right_answer_passes_its_contract_and_checks(task: rt.Task) -> None:
+    contract = FAMILIES[task.family].contract
+    answer, tool_results = _right_answer(task)
+    output = contract.parse_output(answer)
+    assert contract.run_checks(output, _context(task, tool_results)) == []
+    assert rt.correct(task, output.model_dump(mode="json"))
+
+
+def _wrong(task: rt.Task) -> dict[str, Any]:
+    answer, _ = _right_answer(task)
+    if task.family == "extraction":
+        return {
+            **answer,
+            "items": answer["items"][:1]
+            if len(answer["items"]) > 1
+            else [
+                {
+                    "product": "teapot" if answer["items"][0]["product"] != "teapot" else "milk jug",
+                    "quantity": 1,
+                }
+            ],
+        }
+    if task.family == "tools":
+        return {**answer, "result": "12.34 EUR"}
+    return {**answer, "value": answer["value"] + 1}
+
+
+@pytest.mark.parametrize("task", TASKS, ids=[t.id for t in TASKS])
+def test_checks_catch_a_wrong_answer_and_scoring_rejects_it(task: rt.Task) -> None:
+    contract = FAMILIES[task.family].contract
+    _, tool_results = _right_answer(task)
+    output = contract.parse_output(_wrong(task))
+    assert contract.run_checks(output, _context(task, tool_results)) != []
+    assert not rt.correct(task, output.model_dump(mode="json"))
+
+
+def test_bare_tool_calls_are_scored_on_tool_and_arguments() -> None:
+    task = next(t for t in TASKS if t.family == "tools")
+    exp = task.expected
+    assert rt.correct(task, {"tool": exp["tool"], "args": exp["args"]}, bare=True)
+    as_text = {k: str(v) for k, v in exp["args"].items()}  # "120" for 120: same value
+    assert rt.correct(task, {"tool": exp["tool"], "args": as_text}, bare=True)
+    assert not rt.correct(task, {"tool": exp["tool"], "args": {}}, bare=True)
+
+
+def test_summary_counts_pass_k_per_task() -> None:
+    runs = [
+        {
+            "task": "a",
+            "family": "x",
+            "valid": True,
+            "correct": True,
+            "calls": 1,
+            "tokens": 10,
+            "seconds": 1.0,
+        },
+        {
+            "task": "a",
+            "family": "x",
+            "valid": True,
+            "correct": True,
+            "calls": 1,
+            "tokens": 10,
+            "seconds": 1.0,
+        },
+        {
+            "task": "b",
+            "family": "x",
+            "valid": True,
+            "correct": False,
+            "calls": 2,
+            "tokens": 30,
+            "seconds": 3.0,
+        },
+        {
+            "task": "b",
+            "family": "x",
+            "valid": False,
+            "correct": False,
+            "calls": 2,
+            "tokens": 30,
+            "seconds": 3.0,
+        },
+    ]
+    summary = reliability.summarize(runs, repeats=2)
+    assert summary["valid"] == 0.75 and summary["pass1"] == 0.5 and summary["pass^2"] == 0.5
+    assert summary["calls_per_task"] == 1.5 and summary["tokens_per_task"] == 20.0
