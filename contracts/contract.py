@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
+from keelgraph.contracts.parsing import oversized_ints
 
 __all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
 
@@ -57,6 +58,17 @@ def _run_sync(awaitable: Awaitable[CheckResult]) -> CheckResult:
         return asyncio.run(wrap())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, wrap()).result()
+
+
+def _too_big(value: BaseModel, prefix: str) -> list[Problem]:
+    return [
+        Problem(
+            field=f"{prefix}.{path}" if prefix else path,
+            reason="the integer is beyond the 64-bit range and cannot be stored",
+            fix="send a number between -9223372036854775808 and 9223372036854775807",
+        )
+        for path in oversized_ints(value.model_dump(mode="json"))
+    ]
 
 
 @dataclass(frozen=True)
@@ -146,9 +158,12 @@ class Contract(Generic[InT, OutT]):
         if size > self.max_request_chars:
             raise InputRejected([self._oversize(size)])
         try:
-            return self.input.model_validate(raw)
+            value = self.input.model_validate(raw)
         except ValidationError as exc:
             raise InputRejected(explain(exc, model=self.input)) from None
+        if too_big := _too_big(value, ""):
+            raise InputRejected(too_big)
+        return value
 
     def _oversize(self, size: int) -> Problem:
         return Problem(
@@ -176,10 +191,14 @@ class Contract(Generic[InT, OutT]):
         """Validate an answer (dict or JSON text) against the output model; raise `OutputInvalid`."""
         try:
             if isinstance(value, str):
-                return self.output.model_validate_json(value)
-            return self.output.model_validate(value)
+                output = self.output.model_validate_json(value)
+            else:
+                output = self.output.model_validate(value)
         except ValidationError as exc:
             raise OutputInvalid(explain(exc, prefix="answer", model=self.output)) from None
+        if too_big := _too_big(output, "answer"):
+            raise OutputInvalid(too_big)
+        return output
 
     def run_checks(self, output: OutT, ctx: CheckContext[InT]) -> list[Problem]:
         """Run every semantic check; each complaint becomes a `Problem` (the correction prompt)."""

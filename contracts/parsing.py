@@ -9,7 +9,7 @@ from typing import Any
 
 from keelgraph.contracts.errors import Problem
 
-__all__ = ["ParseError", "Parsed", "parse_json"]
+__all__ = ["INT64_MAX", "INT64_MIN", "ParseError", "Parsed", "oversized_ints", "parse_json", "storable"]
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 _TAGS = re.compile(r"</?(?:tool_call|tool_calls|answer|json)>")
@@ -31,12 +31,55 @@ class ParseError(ValueError):
         super().__init__(self.problem.line())
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Integers outside this range cannot be stored by LangGraph's checkpoint serializer (msgpack), and
+many JSON readers lose them: keelgraph refuses them at every boundary instead of crashing."""
+
+
+def oversized_ints(value: Any, path: str = "") -> list[str]:
+    """Paths (`a.b[2]`) of integers in `value` outside the 64-bit range.
+
+    >>> oversized_ints({"a": [1, 2**70], "b": -(2**64)})
+    ['a[1]', 'b']
+    """
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [path or "(root)"] if not INT64_MIN <= value <= INT64_MAX else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in oversized_ints(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in oversized_ints(v, f"{path}[{i}]")]
+    return []
+
+
+def storable(value: Any) -> Any:
+    """`value` with out-of-range integers written as decimal strings (for data from tools)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
+def _reject_int(text: str) -> int:
+    number = int(text)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ParseError(
+            f"the integer {text[:30]}{'...' if len(text) > 30 else ''} is beyond the 64-bit range",
+            "use a number between -9223372036854775808 and 9223372036854775807",
+        )
+    return number
+
+
 def _reject_constant(name: str) -> Any:
     raise ParseError(f"{name} is not valid JSON", "use null or a finite number instead of NaN/Infinity")
 
 
 def _loads(text: str) -> Any:
-    return json.loads(text, parse_constant=_reject_constant)
+    return json.loads(text, parse_constant=_reject_constant, parse_int=_reject_int)
 
 
 def _scan(text: str, start: int) -> int | None:

@@ -25,7 +25,7 @@ from keelgraph.contracts.decision import (
     read_decision,
 )
 from keelgraph.contracts.errors import Attempt, InputRejected, Problem, RepairExhausted
-from keelgraph.contracts.parsing import ParseError, parse_json
+from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
 from keelgraph.graphs._prompt import (
     Strategy,
     kind_of,
@@ -267,6 +267,20 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     }
     raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)
     msg_id = ai.id or f"kg-{uuid.uuid4().hex}"
+    if ai.tool_calls and (too_big := oversized_ints([c["args"] for c in ai.tool_calls])):
+        # Native calls arrive parsed: numbers the checkpoint cannot store become a repair turn.
+        problem = Problem(
+            field=f"args {too_big[0]}",
+            reason="an integer is beyond the 64-bit range",
+            fix="use a number between -9223372036854775808 and 9223372036854775807",
+        )
+        raw = json.dumps([{"name": c["name"], "args": storable(c["args"])} for c in ai.tool_calls])
+        step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        return {
+            **update,
+            "messages": [step],
+            "pending": {"problems": [problem.model_dump()], "kind": "parse", "raw": raw},
+        }
     if ai.tool_calls:
         answers = [c for c in ai.tool_calls if c["name"] == ANSWER]
         if answers:

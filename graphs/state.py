@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypedDict
 
 from langchain_core.messages import AnyMessage
+from langgraph.channels.last_value import LastValue
 from langgraph.graph.message import add_messages
+
+from keelgraph.contracts.parsing import oversized_ints
 
 __all__ = ["Context", "InputState", "OutputState", "State", "Stats", "Status", "add_usage"]
 
@@ -35,10 +40,26 @@ class Stats(TypedDict):
     seconds: float
 
 
+def _storable_request(value: Any) -> Any:
+    if oversized_ints(value):
+        return json.dumps(value, default=str)
+    return value
+
+
+class RequestChannel(LastValue[Any]):
+    """The request as sent, or as its JSON text when it holds integers too big for the checkpoint
+    serializer: validation then rejects them by field, where storing them would crash the run."""
+
+    __slots__ = ()
+
+    def update(self, values: Sequence[Any]) -> bool:
+        return super().update([_storable_request(v) for v in values])
+
+
 class InputState(TypedDict, total=False):
     """What a caller sends: one request per turn."""
 
-    request: Any
+    request: Annotated[Any, RequestChannel(Any)]
     """The request: a JSON object (dict) or JSON text. Validated against the contract's input."""
 
 

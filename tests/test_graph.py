@@ -283,6 +283,7 @@ def test_transient_model_errors_are_retried(tmp_path: Path) -> None:
         ({"city": "x" * 41}, "city"),
         ("{not json", "request"),
         ("x" * 30_000, "request"),
+        ({"city": 2**70}, "city"),  # past 64 bits: msgpack cannot store it; still a typed rejection
     ],
 )
 def test_bad_request_ends_typed_without_a_model_call_and_is_kept(
@@ -464,3 +465,18 @@ def test_a_tool_loop_ends_typed_and_recorded(tmp_path: Path) -> None:
     assert [a["kind"] for a in result["error"]["attempts"]] == ["repeated_call"] * 3
     assert len(model.calls) == 3 + 3 <= 2 + 3 + CONTRACT.repair_budget  # under the hard ceiling
     assert state.values["status"] == "failed" and state.values["error"] == result["error"]
+
+
+def test_numbers_past_64_bits_are_refused_at_every_boundary(tmp_path: Path) -> None:
+    class Count(BaseModel):
+        n: int
+
+    contract = Contract(input=Count, output=Count, instructions="Echo n.", repair_budget=1)
+    with pytest.raises(InputRejected) as caught:
+        contract.parse_input({"n": 2**64})
+    assert caught.value.problems[0].field == "n" and "64-bit" in caught.value.problems[0].reason
+    # From the model: written as text it is a parse problem, so a repair turn, and the run ends ok.
+    script = ['{"action": "final_answer", "answer": {"n": 99999999999999999999999}}', answer(n=7)]
+    result, state, _ = run(script, {"n": 7}, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "ok" and result["output"] == {"n": 7}
+    assert state.values["attempts"][0]["kind"] == "parse" and "64-bit" in str(state.values["attempts"][0])

@@ -13,6 +13,7 @@ from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ValidationError
 
 from keelgraph.contracts.errors import Problem, explain
+from keelgraph.contracts.parsing import storable
 
 __all__ = [
     "CallOutcome",
@@ -185,6 +186,7 @@ def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOut
     output = box.get("output")
     if isinstance(output, BaseModel):
         output = output.model_dump(mode="json")
+    output = storable(output)  # integers past 64 bits become text: the thread must be able to keep it
     return CallOutcome(
         call_id,
         tool.name,
