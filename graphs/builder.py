@@ -34,7 +34,7 @@ from keelgraph.graphs.nodes import (
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.tools.execution import policy_of
 
-__all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy"]
+__all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy", "strategy_chain"]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     openai.APIConnectionError,  # includes APITimeoutError
@@ -50,25 +50,39 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
-def infer_strategy(model: ModelSource) -> Strategy:
-    """How to ask `model` for structured steps when the caller did not say.
+def strategy_chain(model: ModelSource) -> tuple[Strategy, ...]:
+    """The ways to ask `model` for structured steps, best first; the graph uses the first one the
+    endpoint accepts and moves down the chain when the endpoint refuses one (a 400 naming
+    `response_format` or `tools`, say).
 
-    The embedded llama.cpp server and other local servers get schema-constrained JSON; hosted
-    OpenAI-compatible endpoints get native tool calling; anything else gets prompted JSON.
+    `KEELGRAPH_OUTPUT_STRATEGY` pins one. The embedded llama.cpp server and other local servers get
+    schema-constrained JSON first; hosted OpenAI-compatible endpoints native tool calling, then a
+    JSON schema, then prompted JSON; other chat models prompted JSON.
     """
     from keelgraph.settings import Settings
 
     settings = Settings.from_env()
     if settings.output_strategy:
-        return settings.output_strategy
+        return (settings.output_strategy,)
+    local: tuple[Strategy, ...] = ("json_object", "prompted")
+    hosted: tuple[Strategy, ...] = ("tool_calling", "json_schema", "json_object", "prompted")
     if not isinstance(model, BaseChatModel):
-        return "json_object" if settings.base_url is None else "tool_calling"
+        return local if settings.base_url is None or _is_local(settings.base_url) else hosted
     base = str(getattr(model, "openai_api_base", "") or "")
-    if base.startswith(("http://127.0.0.1", "http://localhost")):
-        return "json_object"
+    if _is_local(base):
+        return local
     if type(model).__name__ == "ChatOpenAI":
-        return "tool_calling"
-    return "prompted"
+        return hosted
+    return ("prompted",)
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith(("http://127.0.0.1", "http://localhost"))
+
+
+def infer_strategy(model: ModelSource) -> Strategy:
+    """The first strategy of `strategy_chain(model)`."""
+    return strategy_chain(model)[0]
 
 
 def graph_builder(
@@ -76,7 +90,7 @@ def graph_builder(
     tools: Sequence[BaseTool] = (),
     *,
     model: ModelSource | None = None,
-    strategy: Strategy | None = None,
+    strategy: Strategy | Sequence[Strategy] | None = None,
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
 ) -> StateGraph[State, Context, InputState, OutputState]:
@@ -84,6 +98,7 @@ def graph_builder(
 
     `model` is a chat model or a zero-argument factory; by default the configured endpoint or the
     embedded local model, resolved at the first model call (so building a graph starts nothing).
+    `strategy` is one output strategy or a chain tried in order (see `strategy_chain`).
     """
     from keelgraph.models import default_model
 
@@ -106,11 +121,16 @@ def graph_builder(
     if max_tool_rounds < 0:
         raise UserError("max_tool_rounds must be >= 0")
     source: ModelSource = model if model is not None else default_model
+    if isinstance(strategy, str):
+        chain: tuple[Strategy, ...] = (strategy,)
+    else:
+        chain = tuple(strategy) if strategy else strategy_chain(source)
     spec = AgentSpec(
         contract=contract,
         tools={t.name: t for t in tools},
         model=source,
-        strategy=strategy or infer_strategy(source),
+        strategy=chain[0],
+        fallbacks=chain[1:],
         max_tool_rounds=max_tool_rounds,
         allow_repeat_tools=allow_repeat_tools,
     )
@@ -138,7 +158,7 @@ def build_graph(
     model: ModelSource | None = None,
     checkpointer: Checkpointer | Literal["default"] = "default",
     store: BaseStore | None = None,
-    strategy: Strategy | None = None,
+    strategy: Strategy | Sequence[Strategy] | None = None,
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
     name: str | None = None,

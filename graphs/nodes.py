@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 ModelSource = BaseChatModel | Callable[[], BaseChatModel]
+_log = logging.getLogger("keelgraph")
 _RAW_LIMIT = 4_000
 
 
@@ -65,7 +68,32 @@ class AgentSpec:
     """Tool rounds per turn; after that the model must answer."""
     allow_repeat_tools: bool = False
     """Let the model call a tool again in a turn after it succeeded (off: small models loop)."""
+    fallbacks: tuple[Strategy, ...] = ()
+    """Strategies to move to, in order, when the endpoint refuses the current one."""
     _resolved: list[BaseChatModel] = field(default_factory=list, compare=False, repr=False)
+    _moved: list[Strategy] = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def active_strategy(self) -> Strategy:
+        """The strategy in use: the first one the endpoint has not refused."""
+        return self._moved[-1] if self._moved else self.strategy
+
+    def fall_back(self, error: BaseException) -> Strategy | None:
+        """Move to the next strategy if `error` says the endpoint does not support this one."""
+        if not _unsupported(error):
+            return None
+        chain = [self.strategy, *self.fallbacks]
+        index = chain.index(self.active_strategy)
+        if index + 1 >= len(chain):
+            return None
+        self._moved.append(chain[index + 1])
+        _log.warning(
+            "keelgraph: the endpoint refused the %s output strategy (%s); using %s from now on",
+            chain[index],
+            str(error)[:200],
+            chain[index + 1],
+        )
+        return chain[index + 1]
 
     def chat_model(self) -> BaseChatModel:
         if isinstance(self.model, BaseChatModel):
@@ -78,6 +106,21 @@ class AgentSpec:
     def max_model_calls(self) -> int:
         """A hard ceiling per turn, so no combination of events can loop without end."""
         return 2 + self.max_tool_rounds + self.contract.repair_budget
+
+
+_UNSUPPORTED = re.compile(
+    r"response_format|json_schema|json_object|tool_choice|tools|function", re.IGNORECASE
+)
+
+
+def _unsupported(error: BaseException) -> bool:
+    """Whether an endpoint's error refuses a request feature (format, tools) rather than failing."""
+    if isinstance(error, NotImplementedError):  # a chat model class without bind_tools
+        return True
+    status = getattr(error, "status_code", None)
+    if status == 500:  # llama-cpp-python answers an unknown response_format with a 500
+        return bool(re.search(r"response_format|json_schema", str(error)))
+    return status in {400, 404, 422, 501} and bool(_UNSUPPORTED.search(str(error)))
 
 
 def _zero_stats() -> Stats:
@@ -194,10 +237,14 @@ def _allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
 
 
 def _bind(
-    model: BaseChatModel, spec: AgentSpec, allowed: list[BaseTool], schemas: dict[str, dict[str, Any]]
+    model: BaseChatModel,
+    strategy: Strategy,
+    spec: AgentSpec,
+    allowed: list[BaseTool],
+    schemas: dict[str, dict[str, Any]],
 ) -> Runnable[LanguageModelInput, BaseMessage]:
     answer = spec.contract.output_schema()
-    if spec.strategy == "tool_calling":
+    if strategy == "tool_calling":
         final = {
             "type": "function",
             "function": {
@@ -209,11 +256,11 @@ def _bind(
         choice = "required" if allowed else ANSWER
         return model.bind_tools([*allowed, final], tool_choice=choice)
     schema = decision_schema(answer, schemas)
-    if spec.strategy == "json_object":
+    if strategy == "json_object":
         # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server).
         fmt = {"type": "json_object", "schema": schema}
         return model.bind(extra_body={"response_format": fmt})
-    if spec.strategy == "json_schema":
+    if strategy == "json_schema":
         fmt = {
             "type": "json_schema",
             "json_schema": {"name": "step", "schema": schema, "strict": False},
@@ -246,16 +293,25 @@ def reason(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         )
     allowed = _allowed_tools(state, spec)
     schemas = _offered_schemas(state, allowed)
-    system = system_prompt(
-        spec.contract.instructions, spec.contract.output_schema(), allowed, spec.strategy, schemas
-    )
-    prompt = render(state.get("messages", []), system, spec.strategy)
-    bound = _bind(spec.chat_model(), spec, allowed, schemas)
-    failures = len(state.get("attempts", []))
-    if failures:
-        # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
-        bound = bound.bind(temperature=min(1.0, 0.3 + 0.2 * failures))
-    reply = bound.invoke(prompt)
+    while True:
+        strategy = spec.active_strategy
+        system = system_prompt(
+            spec.contract.instructions, spec.contract.output_schema(), allowed, strategy, schemas
+        )
+        prompt = render(state.get("messages", []), system, strategy)
+        try:
+            bound = _bind(spec.chat_model(), strategy, spec, allowed, schemas)
+            failures = len(state.get("attempts", []))
+            if failures:
+                # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
+                bound = bound.bind(temperature=min(1.0, 0.3 + 0.2 * failures))
+            reply = bound.invoke(prompt)
+            break
+        except Exception as exc:
+            # An endpoint that refuses this way of asking (no json_schema, no tools) gets the next
+            # one, once per graph; any other error goes on to the retry policy.
+            if spec.fall_back(exc) is None:
+                raise
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
     stats["model_calls"] += 1

@@ -480,3 +480,40 @@ def test_numbers_past_64_bits_are_refused_at_every_boundary(tmp_path: Path) -> N
     result, state, _ = run(script, {"n": 7}, tmp=tmp_path, tools=[], contract=contract)
     assert result["status"] == "ok" and result["output"] == {"n": 7}
     assert state.values["attempts"][0]["kind"] == "parse" and "64-bit" in str(state.values["attempts"][0])
+
+
+def _refusal(status: int, text: str) -> openai.APIStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    kind = {400: openai.BadRequestError, 500: openai.InternalServerError}[status]
+    return kind(text, response=httpx.Response(status, request=request), body=None)
+
+
+def test_the_first_strategy_the_endpoint_accepts_is_used(tmp_path: Path) -> None:
+    refused = _refusal(400, "Error code: 400 - 'tools' are not supported by this model")
+    model = ScriptedChatModel([refused, answer(city="Oslo", celsius=3), answer(city="Rome", celsius=20)])
+    graph = build_graph(
+        CONTRACT, [], model=model, checkpointer=None, strategy=("tool_calling", "json_object", "prompted")
+    )
+    assert graph.invoke({"request": {"city": "Oslo"}})["status"] == "ok"
+    assert "tools" in model.calls[0]["kwargs"]  # asked with native tools: refused
+    schema_call = model.calls[1]["kwargs"]["extra_body"]["response_format"]
+    assert schema_call["type"] == "json_object" and "schema" in schema_call
+    assert graph.invoke({"request": {"city": "Rome"}})["output"]["city"] == "Rome"
+    assert "extra_body" in model.calls[2]["kwargs"]  # the move is remembered by the graph
+
+
+def test_llama_cpp_refusing_json_schema_moves_on_but_other_errors_do_not(tmp_path: Path) -> None:
+    refused = _refusal(500, "Input should be 'text' or 'json_object' ('body', 'response_format', 'type')")
+    model = ScriptedChatModel([refused, answer(city="Oslo", celsius=3)])
+    graph = build_graph(CONTRACT, [], model=model, checkpointer=None, strategy=("json_schema", "json_object"))
+    assert graph.invoke({"request": {"city": "Oslo"}})["status"] == "ok"
+    overflow = _refusal(400, "This model's maximum context length is 4096 tokens")
+    graph = build_graph(
+        CONTRACT,
+        [],
+        model=ScriptedChatModel([overflow]),
+        checkpointer=None,
+        strategy=("json_schema", "prompted"),
+    )
+    with pytest.raises(openai.BadRequestError):
+        graph.invoke({"request": {"city": "Oslo"}})
