@@ -48,7 +48,7 @@ from reliability_tasks import SEED, Family, Task, ToolCall, correct, families, t
 from keelgraph import build_graph
 from keelgraph.contracts.decision import grammar_safe, inline_refs
 from keelgraph.graphs._prompt import describe_fields
-from keelgraph.models import LocalModelServer
+from keelgraph.models import LocalModelServer, output_cap
 from keelgraph.settings import Settings
 
 METHODS = ("bare", "langchain", "keelgraph")
@@ -92,6 +92,7 @@ def _model(url: str, model: str, temperature: float) -> ChatOpenAI:
         api_key="not-needed",  # type: ignore[arg-type]
         temperature=temperature,
         max_tokens=MAX_TOKENS,  # type: ignore[call-arg]
+        extra_body=output_cap(url, MAX_TOKENS),  # the cap llama.cpp honours, for every method alike
         timeout=180,
         max_retries=1,
     )

@@ -257,9 +257,11 @@ def _bind(
         return model.bind_tools([*allowed, final], tool_choice=choice)
     schema = decision_schema(answer, schemas)
     if strategy == "json_object":
-        # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server).
+        # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server). A
+        # bound extra_body replaces the model's own, so keep what it had (an output cap, say).
         fmt = {"type": "json_object", "schema": schema}
-        return model.bind(extra_body={"response_format": fmt})
+        extra = getattr(model, "extra_body", None) or {}
+        return model.bind(extra_body={**extra, "response_format": fmt})
     if strategy == "json_schema":
         fmt = {
             "type": "json_schema",

@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from langchain_core.language_models import BaseChatModel
@@ -313,7 +314,21 @@ def chat_model(settings: Settings | None = None, *, base_url: str | None = None)
         temperature=settings.temperature,
         timeout=settings.timeout_s,
         max_retries=0,
+        max_tokens=settings.max_tokens,  # type: ignore[call-arg]  # sent as max_completion_tokens
+        extra_body=output_cap(url, settings.max_tokens),
     )
+
+
+def output_cap(url: str, max_tokens: int) -> dict[str, Any] | None:
+    """The output cap local servers understand.
+
+    langchain-openai sends the cap as `max_completion_tokens`, which llama.cpp-style servers ignore:
+    measured here, a grammar-constrained reply then ran on for 3,700 tokens (four minutes) until the
+    context was full. Local servers also get the older `max_tokens`, which they honour.
+    """
+    if url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+        return {"max_tokens": max_tokens}
+    return None
 
 
 def default_model() -> BaseChatModel:

@@ -49,6 +49,9 @@ class Settings:
     """KEELGRAPH_TEMPERATURE (default 0)."""
     timeout_s: float
     """KEELGRAPH_TIMEOUT: seconds for one model request (default 120)."""
+    max_tokens: int
+    """KEELGRAPH_MAX_TOKENS: output tokens per model call (default 1024); a longer reply is cut and
+    comes back as a truncated-output repair, instead of running on until the context is full."""
     output_strategy: Strategy | None
     """KEELGRAPH_OUTPUT_STRATEGY: json_object | json_schema | prompted | tool_calling; unset: inferred."""
     data_dir: Path
@@ -85,6 +88,7 @@ class Settings:
             model=env.get("KEELGRAPH_MODEL") or default_model,
             temperature=_float(env, "KEELGRAPH_TEMPERATURE", 0.0),
             timeout_s=_float(env, "KEELGRAPH_TIMEOUT", 120.0),
+            max_tokens=_int(env, "KEELGRAPH_MAX_TOKENS", 1024),
             output_strategy=cast(Strategy | None, strategy),
             data_dir=Path(env.get("KEELGRAPH_DATA_DIR") or data_home / "keelgraph"),
             cache_dir=Path(env.get("KEELGRAPH_CACHE_DIR") or cache_home / "keelgraph"),

@@ -3,11 +3,16 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from keelgraph import Settings, UserError
 from keelgraph.graphs import infer_strategy
 from keelgraph.models import chat_model
 from keelgraph.testing import ScriptedChatModel
+
+
+class Q(BaseModel):
+    q: str
 
 
 def test_defaults_are_the_embedded_model() -> None:
@@ -45,3 +50,25 @@ def test_configured_endpoint() -> None:
 def test_bad_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
     with pytest.raises(UserError, match=message):
         Settings.from_env(env)
+
+
+def test_every_reply_has_an_output_cap_that_the_server_honours() -> None:
+    from langchain_core.messages import HumanMessage
+
+    from keelgraph import Contract
+    from keelgraph.graphs.nodes import AgentSpec, _bind
+
+    settings = Settings.from_env({"KEELGRAPH_MAX_TOKENS": "300"})
+    local = chat_model(settings, base_url="http://127.0.0.1:1/v1")
+    payload = local._get_request_payload([HumanMessage("x")])
+    # langchain-openai's field, which llama.cpp ignores, and the one it honours.
+    assert payload["max_completion_tokens"] == 300 and payload["extra_body"] == {"max_tokens": 300}
+    hosted = chat_model(Settings.from_env({"KEELGRAPH_BASE_URL": "https://api.example.com/v1"}))
+    assert hosted._get_request_payload([HumanMessage("x")])["max_completion_tokens"] == 1024
+    assert hosted.extra_body is None
+    # Asking for schema-constrained JSON keeps the cap (a bound extra_body replaces the model's).
+    contract = Contract(input=Q, output=Q, instructions="x")
+    spec = AgentSpec(contract=contract, tools={}, model=local, strategy="json_object")
+    bound = _bind(local, "json_object", spec, [], {})
+    extra = bound.kwargs["extra_body"]  # type: ignore[attr-defined]
+    assert extra["max_tokens"] == 300 and extra["response_format"]["type"] == "json_object"
