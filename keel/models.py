@@ -314,7 +314,7 @@ def chat_model(settings: Settings | None = None, *, base_url: str | None = None)
         temperature=settings.temperature,
         timeout=settings.timeout_s,
         max_retries=0,
-        max_tokens=settings.max_tokens,  # type: ignore[call-arg]  # sent as max_completion_tokens
+        max_tokens=settings.max_tokens,  # sent as max_completion_tokens
         extra_body=output_cap(url, settings.max_tokens),
     )
 
