@@ -8,9 +8,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from keelgraph.contracts.errors import KeelgraphError
+from keelgraph.contracts.errors import KeelgraphError, UserError
 from keelgraph.settings import Settings
 
 EXIT_REJECTED = 2
@@ -90,6 +91,23 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.thread)
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from keelgraph.graphs.retention import parse_age, prune
+
+    if args.keep_last is None and args.older_than is None and not args.vacuum:
+        raise UserError("say what to prune: --keep-last N, --older-than AGE and/or --vacuum")
+    path = args.db or Settings.from_env().data_dir / "threads.db"
+    report = prune(
+        path,
+        keep_last=args.keep_last,
+        older_than_s=parse_age(args.older_than) if args.older_than else None,
+        vacuum=args.vacuum,
+    )
+    print(f"pruned {path}")
+    print("\n".join(report.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keelgraph", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch: download and verify; serve: run the server",
     )
     model.set_defaults(func=_model)
+    prune = sub.add_parser("prune", help="shrink the SQLite checkpoint file: old checkpoints, idle threads")
+    prune.add_argument(
+        "--db", type=Path, help="the checkpoint database (default: $KEELGRAPH_DATA_DIR/threads.db)"
+    )
+    prune.add_argument("--keep-last", type=int, help="keep this many newest checkpoints per thread (>= 1)")
+    prune.add_argument("--older-than", help="drop threads idle for longer than this: 30d, 12h, 90m")
+    prune.add_argument(
+        "--vacuum",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give freed space back (default)",
+    )
+    prune.set_defaults(func=_prune)
     serve = sub.add_parser("serve", help="serve langgraph.json's graphs with `langgraph dev`, offline")
     serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     serve.set_defaults(func=_serve)
