@@ -85,7 +85,7 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fill(data / "threads.db", threads=2, turns=30)
-    assert main("prune --keep-last 20 --older-than 30d".split()) == 0  # the README's command
+    assert main(["prune", "--keep-last", "20", "--older-than", "30d"]) == 0  # the README's command
     out = capsys.readouterr().out
     assert f"pruned {data / 'threads.db'}" in out and "(40 left)" in out and "MB ->" in out
     assert main(["prune", "--older-than", "soon"]) == 1
