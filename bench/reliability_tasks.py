@@ -187,6 +187,16 @@ def _quantity_written(n: int, text: str) -> bool:
     )
 
 
+def order_choices(ctx: CheckContext[Email]) -> dict[str, list[Any]]:
+    """Values an order may hold given its e-mail: the products it names, the quantities it writes
+    (as digits or words). The grammar then keeps the model to them; the check does the rest."""
+    text = ctx.input.text
+    return {
+        "items.product": [p for p in CATALOG if _mentioned(p, text)],
+        "items.quantity": [n for n in range(1, 100) if _quantity_written(n, text)],
+    }
+
+
 def order_matches_email(order: OrderRequest, ctx: CheckContext[Email]) -> list[str]:
     """Every extracted value is written in the e-mail, and every product it names is extracted."""
     text = ctx.input.text
@@ -262,27 +272,26 @@ def make_tools() -> list[BaseTool]:
         """Price of shipping a parcel of the given weight (kg) to a country."""
         return quote_shipping(weight_kg, country)
 
-    def numbers_from_request(args: Mapping[str, Any], ctx: GuardContext) -> str | None:
-        text = str(ctx.request.get("text", ""))
-        for key in ("amount", "weight_kg"):
-            if key in args and not _number_written(float(args[key]), text):
-                return (
-                    f"{key}={args[key]} is not a number the customer wrote; use the number from the question"
-                )
-        return None
+    def amounts_from_request(ctx: GuardContext) -> dict[str, list[float]]:
+        return {"amount": _numbers(str(ctx.request.get("text", "")))}
+
+    def weights_from_request(ctx: GuardContext) -> dict[str, list[float]]:
+        return {"weight_kg": _numbers(str(ctx.request.get("text", "")))}
 
     def ids_from_request(ctx: GuardContext) -> dict[str, list[str]]:
         return {"order_id": re.findall(r"ORD-\d{4}", str(ctx.request.get("text", "")))}
 
     return [
-        with_policy(convert_currency, guard=numbers_from_request),
+        with_policy(convert_currency, choices=amounts_from_request),
         with_policy(order_status, choices=ids_from_request),
-        with_policy(shipping_quote, guard=numbers_from_request),
+        with_policy(shipping_quote, choices=weights_from_request),
     ]
 
 
-def _number_written(value: float, text: str) -> bool:
-    return any(abs(float(n) - value) < 1e-9 for n in re.findall(r"\d+(?:\.\d+)?", text.replace(",", "")))
+def _numbers(text: str) -> list[float]:
+    """The numbers a customer wrote ("1,500" is 1500), without the digits of order ids."""
+    text = re.sub(r"ORD-\d+", "", text).replace(",", "")
+    return sorted({float(n) for n in re.findall(r"\d+(?:\.\d+)?", text)})
 
 
 class Question(BaseModel):
@@ -308,6 +317,14 @@ TOOL_INSTRUCTIONS = (
     "You answer questions of a shop's customers. Use exactly one tool to get the fact, then answer "
     "with the tool's result copied exactly."
 )
+
+
+def reply_choices(ctx: CheckContext[Question]) -> dict[str, list[str]]:
+    """Once a tool ran, the answer may only name it and quote what it returned."""
+    return {
+        "tool": sorted({r["name"] for r in ctx.tool_results}),
+        "result": sorted({str(r["output"]) for r in ctx.tool_results}),
+    }
 
 
 def result_comes_from_tool(reply: ToolReply, ctx: CheckContext[Question]) -> list[str]:
@@ -412,6 +429,12 @@ def render_lookup(lookup: Lookup) -> str:
     return f"Products (sku | name | price | stock):\n{rows}\n\nQuestion: {lookup.question}"
 
 
+def fact_choices(ctx: CheckContext[Lookup]) -> dict[str, list[Any]]:
+    """A fact cites a row of the table and a value written in it."""
+    table = ctx.input.table
+    return {"sku": [r.sku for r in table], "value": sorted({v for r in table for v in (r.price, r.stock)})}
+
+
 def fact_matches_table(fact: Fact, ctx: CheckContext[Lookup]) -> list[str]:
     """The cited row exists and the value is the one in the table (a cross-checked fact)."""
     rows = {r.sku: r for r in ctx.input.table}
@@ -481,6 +504,7 @@ def families() -> dict[str, Family]:
                 output=OrderRequest,
                 instructions=EXTRACTION_INSTRUCTIONS,
                 checks=[order_matches_email],
+                choices=order_choices,
                 render=lambda e: e.text,
                 name="extraction",
             ),
@@ -492,6 +516,7 @@ def families() -> dict[str, Family]:
                 output=ToolReply,
                 instructions=TOOL_INSTRUCTIONS,
                 checks=[result_comes_from_tool],
+                choices=reply_choices,
                 render=lambda q: q.text,
                 name="tools",
             ),
@@ -504,6 +529,7 @@ def families() -> dict[str, Family]:
                 output=Fact,
                 instructions=FACT_INSTRUCTIONS,
                 checks=[fact_matches_table],
+                choices=fact_choices,
                 render=render_lookup,
                 name="facts",
             ),

@@ -71,6 +71,60 @@ def _too_big(value: BaseModel, prefix: str) -> list[Problem]:
     ]
 
 
+def _inline(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy with local `$ref`s resolved, so one field's choices do not leak into another's."""
+    defs = dict(schema.get("$defs", {}))
+
+    def walk(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                name = ref.removeprefix("#/$defs/")
+                if name in seen:  # recursive model: stop here
+                    return {"type": "object"}
+                extra = {k: walk(v, seen) for k, v in node.items() if k != "$ref"}
+                return {**walk(defs[name], (*seen, name)), **extra}
+            return {k: walk(v, seen) for k, v in node.items() if k != "$defs"}
+        if isinstance(node, list):
+            return [walk(v, seen) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema, ())
+    return result
+
+
+def _narrow(node: dict[str, Any], path: list[str], values: list[Any]) -> bool:
+    """Put `enum` on the field at `path`, through lists and optional (`anyOf`) branches.
+
+    Returns whether the path named a field at all.
+    """
+    found = False
+    for option in node.get("anyOf", []):
+        if isinstance(option, dict) and option.get("type") != "null":
+            found = _narrow(option, path, values) or found
+    if node.get("type") == "array" and isinstance(node.get("items"), dict):
+        return _narrow(node["items"], path, values) or found
+    if not path:
+        if "anyOf" not in node:
+            node["enum"] = values
+        return True
+    sub = node.get("properties", {}).get(path[0])
+    if isinstance(sub, dict):
+        found = _narrow(sub, path[1:], values) or found
+    return found
+
+
+def _values_at(data: Any, path: list[str]) -> list[Any]:
+    """The values at a dotted path of dumped data, through lists; missing and null ones skipped."""
+    if isinstance(data, list):
+        return [v for item in data for v in _values_at(item, path)]
+    if not path:
+        return [] if data is None else [data]
+    if isinstance(data, dict) and path[0] in data:
+        return _values_at(data[path[0]], path[1:])
+    return []
+
+
 @dataclass(frozen=True)
 class Contract(Generic[InT, OutT]):
     """One declaration per graph: input model, output model, semantic checks, repair budget.
@@ -95,6 +149,11 @@ class Contract(Generic[InT, OutT]):
     """Requests longer than this (as JSON text) are rejected before parsing."""
     render: Callable[[InT], str] | None = None
     """How a validated request is shown to the model; JSON of its fields by default."""
+    choices: Callable[[CheckContext[InT]], Mapping[str, Sequence[Any]]] | None = None
+    """Allowed values of output fields in this turn's context, by dotted path (`"result"`,
+    `"items.product"` for a field of every list item). Written into the answer's schema as an
+    `enum`, so a schema-constrained model cannot write anything else, and enforced on the answer.
+    An empty list means no limit. Like a tool policy's `choices`, for answers."""
     derive: Callable[[dict[str, Any], CheckContext[InT]], dict[str, Any]] | None = None
     """Fill or correct the answer's fields that the system knows for certain (an id returned
     by a tool, the action that ran) before validation, instead of trusting the model with them."""
@@ -186,6 +245,42 @@ class Contract(Generic[InT, OutT]):
     @functools.cached_property
     def _output_schema(self) -> dict[str, Any]:
         return self.output.model_json_schema()
+
+    def allowed_output(self, ctx: CheckContext[InT]) -> dict[str, list[Any]]:
+        """The output choices in this context, without the empty (unlimited) ones."""
+        if self.choices is None:
+            return {}
+        return {path: list(values) for path, values in self.choices(ctx).items() if values}
+
+    def output_schema_for(self, ctx: CheckContext[InT]) -> dict[str, Any]:
+        """The output schema narrowed by `choices` for this context (refs inlined when narrowed)."""
+        allowed = self.allowed_output(ctx)
+        if not allowed:
+            return self.output_schema()
+        schema = _inline(self.output_schema())
+        for path, values in allowed.items():
+            if not _narrow(schema, path.split("."), values):
+                raise ContractError(
+                    f"Contract choices name {path!r}, which is not a field of {self.output.__name__}; "
+                    "use a dotted path of its fields, like 'items.product'"
+                )
+        return schema
+
+    def choice_problems(self, output: OutT, ctx: CheckContext[InT]) -> list[Problem]:
+        """A problem for every answer value outside its field's choices in this context."""
+        problems = []
+        data = output.model_dump(mode="json")
+        for path, values in self.allowed_output(ctx).items():
+            for found in _values_at(data, path.split(".")):
+                if found not in values:
+                    problems.append(
+                        Problem(
+                            field=f"answer.{path}",
+                            reason=f"{found!r} is not one of the values allowed here",
+                            fix=f"use one of {values}",
+                        )
+                    )
+        return problems
 
     def parse_output(self, value: Any) -> OutT:
         """Validate an answer (dict or JSON text) against the output model; raise `OutputInvalid`."""

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from keelgraph import CheckContext
+from keelgraph.tools import GuardContext
+from keelgraph.tools.execution import allowed_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -48,8 +50,19 @@ def test_every_right_answer_passes_its_contract_and_checks(task: rt.Task) -> Non
     contract = FAMILIES[task.family].contract
     answer, tool_results = _right_answer(task)
     output = contract.parse_output(answer)
-    assert contract.run_checks(output, _context(task, tool_results)) == []
+    ctx = _context(task, tool_results)
+    assert contract.run_checks(output, ctx) == []
+    assert contract.choice_problems(output, ctx) == []  # the choices never exclude the answer
     assert rt.correct(task, output.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t.family == "tools"], ids=lambda t: t.id)
+def test_the_right_tool_call_is_within_its_choices(task: rt.Task) -> None:
+    tool = {t.name: t for t in FAMILIES["tools"].tools}[task.expected["tool"]]
+    allowed = allowed_values(tool, GuardContext(task.request, [], []))
+    assert allowed, "every tool of the family narrows an argument"
+    for arg, values in allowed.items():
+        assert task.expected["args"][arg] in values
 
 
 def _wrong(task: rt.Task) -> dict[str, Any]:

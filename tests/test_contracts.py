@@ -121,3 +121,59 @@ def test_checks_sync_async_and_raising() -> None:
     ]
     assert problems[0].field == "answer (low)"
     assert c.run_checks(Reply(text="user 7", score=9), ctx) == []
+
+
+class Line(BaseModel):
+    product: str
+    quantity: int = Field(ge=1)
+
+
+class Basket(BaseModel):
+    owner: str
+    lines: list[Line]
+    note: str | None = None
+
+
+class Shop(BaseModel):
+    stock: list[str]
+
+
+def _basket_contract(**kw: Any) -> Contract[Shop, Basket]:
+    return Contract(
+        input=Shop,
+        output=Basket,
+        instructions="Fill the basket.",
+        choices=lambda ctx: {"lines.product": ctx.input.stock, "note": ["fragile"], "owner": [], **kw},
+    )
+
+
+def test_output_choices_narrow_the_schema_for_this_context() -> None:
+    contract = _basket_contract()
+    ctx = CheckContext(input=Shop(stock=["mug", "pot"]))
+    schema = contract.output_schema_for(ctx)
+    line = schema["properties"]["lines"]["items"]
+    assert line["properties"]["product"]["enum"] == ["mug", "pot"]
+    assert "enum" not in line["properties"]["quantity"] and "$defs" not in schema
+    assert [o.get("enum") for o in schema["properties"]["note"]["anyOf"]] == [["fragile"], None]
+    assert "enum" not in schema["properties"]["owner"]  # an empty list: no limit
+    assert "enum" not in json.dumps(contract.output_schema())  # the shared schema is untouched
+    other = contract.output_schema_for(CheckContext(input=Shop(stock=["cup"])))
+    assert other["properties"]["lines"]["items"]["properties"]["product"]["enum"] == ["cup"]
+
+
+def test_output_choices_are_enforced_on_the_answer() -> None:
+    contract = _basket_contract()
+    ctx = CheckContext(input=Shop(stock=["mug"]))
+    good = Basket(owner="Ann", lines=[Line(product="mug", quantity=1)])
+    assert contract.choice_problems(good, ctx) == []
+    bad = Basket(owner="Ann", lines=[Line(product="mug", quantity=1), Line(product="vase", quantity=2)])
+    [problem] = contract.choice_problems(bad, ctx)
+    assert problem.field == "answer.lines.product"
+    assert problem.reason == "'vase' is not one of the values allowed here"
+    assert problem.fix == "use one of ['mug']"
+
+
+def test_output_choices_naming_no_field_is_a_developer_error() -> None:
+    contract = _basket_contract(**{"lines.colour": ["red"]})
+    with pytest.raises(ContractError, match=r"'lines.colour', which is not a field of Basket"):
+        contract.output_schema_for(CheckContext(input=Shop(stock=["mug"])))

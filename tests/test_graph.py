@@ -517,3 +517,24 @@ def test_llama_cpp_refusing_json_schema_moves_on_but_other_errors_do_not(tmp_pat
     )
     with pytest.raises(openai.BadRequestError):
         graph.invoke({"request": {"city": "Oslo"}})
+
+
+def test_output_choices_reach_the_grammar_and_the_repair(tmp_path: Path) -> None:
+    """A contract's choices become an `enum` in the schema the endpoint gets; a value outside them
+    is a check failure the model repairs."""
+
+    def cities_asked(ctx: Any) -> dict[str, list[str]]:
+        return {"city": [ctx.input.city]}
+
+    contract = Contract(
+        input=Question, output=Forecast, instructions="Report the weather.", choices=cities_asked
+    )
+    script = [answer(city="Bergen", celsius=4), answer(city="Oslo", celsius=4)]
+    result, state, model = run(script, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "ok" and result["output"]["city"] == "Oslo"
+    fmt = model.calls[0]["kwargs"]["extra_body"]["response_format"]
+    assert fmt["schema"]["properties"]["answer"]["properties"]["city"]["enum"] == ["Oslo"]
+    [attempt] = state.values["attempts"]
+    assert attempt["kind"] == "check"
+    assert attempt["problems"][0]["field"] == "answer.city"
+    assert "use one of ['Oslo']" in model.calls[1]["messages"][-1].content

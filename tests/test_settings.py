@@ -56,7 +56,7 @@ def test_every_reply_has_an_output_cap_that_the_server_honours() -> None:
     from langchain_core.messages import HumanMessage
 
     from keelgraph import Contract
-    from keelgraph.graphs.nodes import AgentSpec, _bind
+    from keelgraph.graphs.nodes import _bind
 
     settings = Settings.from_env({"KEELGRAPH_MAX_TOKENS": "300"})
     local = chat_model(settings, base_url="http://127.0.0.1:1/v1")
@@ -68,7 +68,6 @@ def test_every_reply_has_an_output_cap_that_the_server_honours() -> None:
     assert hosted.extra_body is None
     # Asking for schema-constrained JSON keeps the cap (a bound extra_body replaces the model's).
     contract = Contract(input=Q, output=Q, instructions="x")
-    spec = AgentSpec(contract=contract, tools={}, model=local, strategy="json_object")
-    bound = _bind(local, "json_object", spec, [], {})
+    bound = _bind(local, "json_object", contract.output_schema(), [], {})
     extra = bound.kwargs["extra_body"]  # type: ignore[attr-defined]
     assert extra["max_tokens"] == 300 and extra["response_format"]["type"] == "json_object"
