@@ -247,7 +247,7 @@ class LocalModelServer:
                 self.port = free_port()
             log = self.settings.cache_dir / f"llama-server-{self.port}.log"
             cmd = [
-                sys.executable, "-m", "llama_cpp.server",
+                sys.executable, "-m", "keelgraph._orphan_guard", str(os.getpid()), "llama_cpp.server",
                 "--model", str(path), "--model_alias", name,
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--n_threads", str(self.settings.llama_threads),

@@ -52,7 +52,8 @@ def _command() -> list[str]:
         raise UserError(
             f"serving needs {', '.join(missing)}: run `pip install 'keelgraph[serve]'` (or `bash .ci/setup`)"
         )
-    return [sys.executable, "-m", "langgraph_cli"]
+    # Under the orphan guard: a parent killed without cleanup does not leave the server running.
+    return [sys.executable, "-m", "keelgraph._orphan_guard", str(os.getpid()), "langgraph_cli"]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
