@@ -10,6 +10,8 @@ from keelgraph.tools.execution import (
     run_tool_call,
     with_policy,
 )
+from keelgraph.tools.http import http_tool
+from keelgraph.tools.sql import sql_tools
 
 __all__ = [
     "CallOutcome",
@@ -17,7 +19,9 @@ __all__ = [
     "SideEffect",
     "ToolPolicy",
     "fence",
+    "http_tool",
     "policy_of",
     "run_tool_call",
+    "sql_tools",
     "with_policy",
 ]
