@@ -33,6 +33,7 @@ from keelgraph.graphs.nodes import (
 )
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.tools.execution import policy_of
+from keelgraph.tools.ledger import EffectLedger, SqliteLedger
 
 __all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy", "strategy_chain"]
 
@@ -93,12 +94,16 @@ def graph_builder(
     strategy: Strategy | Sequence[Strategy] | None = None,
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
+    effects: EffectLedger | Literal["default"] | None = "default",
 ) -> StateGraph[State, Context, InputState, OutputState]:
     """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
 
     `model` is a chat model or a zero-argument factory; by default the configured endpoint or the
     embedded local model, resolved at the first model call (so building a graph starts nothing).
     `strategy` is one output strategy or a chain tried in order (see `strategy_chain`).
+    `effects` records completed `write`/`external` tool calls so none is performed twice (see
+    `keelgraph.tools.ledger`); by default in `$KEELGRAPH_DATA_DIR/effects.db`, opened at the first
+    such call. None turns the record off: such calls may then repeat on resume.
     """
     from keelgraph.models import default_model
 
@@ -133,6 +138,7 @@ def graph_builder(
         fallbacks=chain[1:],
         max_tool_rounds=max_tool_rounds,
         allow_repeat_tools=allow_repeat_tools,
+        effects=_default_ledger if effects == "default" else effects,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     builder.add_node("validate_input", partial(validate_input, spec=spec))
@@ -151,6 +157,12 @@ def graph_builder(
     return builder
 
 
+def _default_ledger() -> EffectLedger:
+    from keelgraph.settings import Settings
+
+    return SqliteLedger(Settings.from_env().data_dir / "effects.db")
+
+
 def build_graph(
     contract: Contract[Any, Any],
     tools: Sequence[BaseTool] = (),
@@ -161,6 +173,7 @@ def build_graph(
     strategy: Strategy | Sequence[Strategy] | None = None,
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
+    effects: EffectLedger | Literal["default"] | None = "default",
     name: str | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """Compile the keelgraph flow for `contract` and `tools`.
@@ -187,6 +200,7 @@ def build_graph(
         strategy=strategy,
         max_tool_rounds=max_tool_rounds,
         allow_repeat_tools=allow_repeat_tools,
+        effects=effects,
     )
     if checkpointer == "default":
         from keelgraph.graphs.persistence import sqlite_checkpointer

@@ -15,6 +15,7 @@ from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
+from langgraph.config import get_config
 from langgraph.runtime import Runtime
 
 from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
@@ -37,7 +38,15 @@ from keelgraph.graphs._prompt import (
     tool_args_schema,
 )
 from keelgraph.graphs.state import Context, State, Stats
-from keelgraph.tools.execution import GuardContext, allowed_values, policy_of, run_tool_call
+from keelgraph.tools.execution import (
+    CallOutcome,
+    GuardContext,
+    allowed_values,
+    fence,
+    policy_of,
+    run_tool_call,
+)
+from keelgraph.tools.ledger import EffectLedger, default_key
 
 __all__ = [
     "AgentSpec",
@@ -70,7 +79,19 @@ class AgentSpec:
     """Let the model call a tool again in a turn after it succeeded (off: small models loop)."""
     fallbacks: tuple[Strategy, ...] = ()
     """Strategies to move to, in order, when the endpoint refuses the current one."""
+    effects: EffectLedger | Callable[[], EffectLedger] | None = None
+    """Where completed `write`/`external` tool calls are recorded (None: no record, calls may
+    repeat on resume). A callable is resolved at the first such call."""
     _resolved: list[BaseChatModel] = field(default_factory=list, compare=False, repr=False)
+    _ledgers: list[EffectLedger] = field(default_factory=list, compare=False, repr=False)
+
+    def ledger(self) -> EffectLedger | None:
+        if self.effects is None or not callable(self.effects):
+            return self.effects
+        if not self._ledgers:
+            self._ledgers.append(self.effects())
+        return self._ledgers[0]
+
     _moved: list[Strategy] = field(default_factory=list, compare=False, repr=False)
 
     @property
@@ -429,6 +450,77 @@ def _refusal(tool: BaseTool, args: Mapping[str, Any], state: State) -> str | Non
     return guard(args, ctx) if guard is not None else None
 
 
+def _turn_id(state: State) -> str:
+    """The id of this turn's request message: stable across a resume of the same turn."""
+    for msg in reversed(state.get("messages", [])):
+        if kind_of(msg) in {"request", "rejected"}:
+            return str(msg.id)
+    return ""
+
+
+def _effect_call(
+    tool: BaseTool, call_id: str, args: dict[str, Any], state: State, ledger: EffectLedger
+) -> CallOutcome:
+    """Run a side-effecting call at most once per idempotency key (see `keelgraph.tools.ledger`)."""
+    policy = policy_of(tool)
+    configurable = (get_config() or {}).get("configurable", {})
+    thread_id = str(configurable.get("thread_id", ""))
+    if policy.idempotency_key is not None:
+        key = policy.idempotency_key(args, _guard_context(state))
+    else:
+        key = default_key(thread_id, _turn_id(state), tool.name, args)
+    found = ledger.lookup(key)
+    if found is not None and found.status == "done":
+        _log.info("keelgraph: %s already done under key %s; replaying its result", tool.name, key)
+        shown = policy.present(found.output) if policy.present else found.output
+        content = fence(tool.name, shown, policy.max_output_chars)
+        return CallOutcome(
+            call_id,
+            tool.name,
+            args,
+            ok=True,
+            content=f"{content}\n(This was done earlier; it was not done again.)",
+            output=found.output,
+        )
+    if found is not None and not policy.idempotent:
+        reason = (
+            f"an earlier {tool.name} call like this one was cut off before it reported back, so whether "
+            "it took effect is unknown; it was not repeated"
+        )
+        return CallOutcome(
+            call_id,
+            tool.name,
+            args,
+            ok=False,
+            content=f"ERROR: {reason}.",
+            problems=[
+                Problem(field=tool.name, reason=reason, fix="tell the user the outcome must be checked")
+            ],
+            kind="tool_error",
+        )
+    ledger.begin(key, tool.name, args, thread_id)
+    outcome = run_tool_call(tool, call_id, args, effect_key=key)
+    if outcome.ok:
+        ledger.finish(key, outcome.output)
+    elif outcome.kind in {"tool_args", "tool_error"}:
+        ledger.forget(key)  # refused or raised: nothing was done, a later call may try again
+    # A timeout leaves the record `started`: the abandoned call may still take effect.
+    return outcome
+
+
+def _not_offered(name: str, again: bool) -> Problem:
+    reason = (
+        f"you already called {name} with these arguments; its result is above"
+        if again
+        else f"{name} is not available any more in this turn"
+    )
+    return Problem(field="action", reason=reason, fix=f"use the results you have and reply with {ANSWER}")
+
+
+def _error_reply(content: str, call_id: str, name: str) -> ToolMessage:
+    return ToolMessage(content, tool_call_id=call_id, name=name, status="error")
+
+
 def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
     messages = state.get("messages", [])
@@ -453,35 +545,13 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
                 fix=f"use one of: {', '.join([*spec.tools, ANSWER])}",
             )
             attempts.append(_attempt(attempts, "unknown_tool", raw, [problem]))
-            replies.append(
-                ToolMessage(
-                    f"ERROR: {problem.reason}; {problem.fix}.",
-                    tool_call_id=call_id,
-                    name=name,
-                    status="error",
-                )
-            )
+            replies.append(_error_reply(f"ERROR: {problem.reason}; {problem.fix}.", call_id, name))
             continue
         if name not in allowed:
-            again = _key(name, args) in done
-            reason_text = (
-                f"you already called {name} with these arguments; its result is above"
-                if again
-                else f"{name} is not available any more in this turn"
-            )
-            problem = Problem(
-                field="action",
-                reason=reason_text,
-                fix=f"use the results you have and reply with {ANSWER}",
-            )
+            problem = _not_offered(name, _key(name, args) in done)
             attempts.append(_attempt(attempts, "repeated_call", raw, [problem]))
             replies.append(
-                ToolMessage(
-                    f"NOT RUN: {reason_text}. Now reply with {ANSWER}.",
-                    tool_call_id=call_id,
-                    name=name,
-                    status="error",
-                )
+                _error_reply(f"NOT RUN: {problem.reason}. Now reply with {ANSWER}.", call_id, name)
             )
             answer_only = True
             continue
@@ -492,11 +562,14 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         if refusal := _refusal(tool, args, {**state, "tool_log": tool_log}):
             problem = Problem(field=f"args of {name}", reason=refusal, fix="correct the arguments")
             attempts.append(_attempt(attempts, "tool_args", raw, [problem]))
-            replies.append(
-                ToolMessage(f"NOT RUN: {refusal}", tool_call_id=call_id, name=name, status="error")
-            )
+            replies.append(_error_reply(f"NOT RUN: {refusal}", call_id, name))
             continue
-        outcome = run_tool_call(tool, call_id, args)
+        ledger = None if policy.side_effect == "read" else spec.ledger()
+        outcome = (
+            run_tool_call(tool, call_id, args)
+            if ledger is None
+            else _effect_call(tool, call_id, args, {**state, "tool_log": tool_log}, ledger)
+        )
         replies.append(
             ToolMessage(
                 outcome.content,

@@ -11,13 +11,18 @@ from keelgraph.tools.execution import (
     with_policy,
 )
 from keelgraph.tools.http import http_tool
+from keelgraph.tools.ledger import EffectLedger, MemoryLedger, SqliteLedger, effect_key
 from keelgraph.tools.sql import sql_tools
 
 __all__ = [
     "CallOutcome",
+    "EffectLedger",
     "GuardContext",
+    "MemoryLedger",
     "SideEffect",
+    "SqliteLedger",
     "ToolPolicy",
+    "effect_key",
     "fence",
     "http_tool",
     "policy_of",

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from keelgraph.contracts.errors import Problem, explain
 from keelgraph.contracts.parsing import storable
+from keelgraph.tools.ledger import running_with_key
 
 __all__ = [
     "CallOutcome",
@@ -70,6 +71,14 @@ class ToolPolicy:
     from_input: tuple[str, ...] = ()
     """Arguments always taken from the validated request (e.g. `customer_id`), whatever the
     model wrote: the model cannot act for another customer."""
+    idempotency_key: Callable[[Mapping[str, Any], GuardContext], str] | None = None
+    """For `write`/`external` tools: the key under which a completed call is recorded in the
+    effect ledger (a replay with the same key returns the recorded result instead of acting
+    again). By default: the thread, the turn, the tool and its arguments."""
+    idempotent: bool = False
+    """The tool passes `keelgraph.tools.effect_key()` to a system that deduplicates by it, so a
+    call cut off mid-way (process killed, timeout) may be repeated with the same key. Without
+    it such a call is not repeated and the model is told its outcome is unknown."""
 
 
 def with_policy(tool: BaseTool, **policy: Any) -> BaseTool:
@@ -135,8 +144,13 @@ def _validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
     return []
 
 
-def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOutcome:
-    """Validate `args`, run the tool under its deadline, and describe the outcome for the model."""
+def run_tool_call(
+    tool: BaseTool, call_id: str, args: dict[str, Any], *, effect_key: str | None = None
+) -> CallOutcome:
+    """Validate `args`, run the tool under its deadline, and describe the outcome for the model.
+
+    `effect_key` is what `keelgraph.tools.effect_key()` returns inside the tool.
+    """
     policy = policy_of(tool)
     problems = _validate_args(tool, args)
     if problems:
@@ -154,7 +168,8 @@ def run_tool_call(tool: BaseTool, call_id: str, args: dict[str, Any]) -> CallOut
 
     def target() -> None:
         try:
-            box["output"] = tool.invoke(args)
+            with running_with_key(effect_key):
+                box["output"] = tool.invoke(args)
         except Exception as exc:  # a tool's failure is reported to the model, not raised
             box["error"] = exc
 
