@@ -36,7 +36,9 @@ class Problem(BaseModel):
         return f"{self.field}: {self.reason} -> {self.fix}"
 
 
-AttemptKind = Literal["output", "check", "parse", "tool_args", "unknown_tool", "repeated_call"]
+AttemptKind = Literal[
+    "output", "check", "parse", "tool_args", "unknown_tool", "repeated_call", "rejected_call"
+]
 
 
 class Attempt(BaseModel):

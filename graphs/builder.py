@@ -10,7 +10,7 @@ import httpx
 import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.tools import BaseTool
-from langgraph.graph import START, StateGraph
+from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer, RetryPolicy
@@ -23,6 +23,7 @@ from keelgraph.graphs.nodes import (
     AgentSpec,
     ModelSource,
     act,
+    approve,
     check_output,
     reason,
     route_after_act,
@@ -147,11 +148,15 @@ def graph_builder(
         partial(reason, spec=spec),
         retry_policy=RetryPolicy(max_attempts=3, initial_interval=0.5, retry_on=_is_transient),
     )
+    builder.add_node("approve", partial(approve, spec=spec))
     builder.add_node("act", partial(act, spec=spec))
     builder.add_node("check_output", partial(check_output, spec=spec))
     builder.add_edge(START, "validate_input")
     builder.add_conditional_edges("validate_input", route_after_input)
-    builder.add_conditional_edges("reason", route_after_reason)
+    builder.add_conditional_edges(
+        "reason", partial(route_after_reason, spec=spec), ["approve", "act", "check_output", END]
+    )
+    builder.add_edge("approve", "act")
     builder.add_conditional_edges("act", route_after_act)
     builder.add_conditional_edges("check_output", route_after_check)
     return builder

@@ -17,6 +17,7 @@ from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langgraph.config import get_config
 from langgraph.runtime import Runtime
+from langgraph.types import interrupt
 
 from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
 from keelgraph.contracts.decision import (
@@ -43,6 +44,7 @@ from keelgraph.tools.execution import (
     GuardContext,
     allowed_values,
     fence,
+    needs_approval,
     policy_of,
     run_tool_call,
 )
@@ -51,6 +53,7 @@ from keelgraph.tools.ledger import EffectLedger, default_key
 __all__ = [
     "AgentSpec",
     "act",
+    "approve",
     "check_output",
     "reason",
     "route_after_act",
@@ -186,6 +189,7 @@ def validate_input(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         "tool_log": [],
         "pending": None,
         "tool_rounds": 0,
+        "approvals": {},
         "answer_only": False,
         "started": time.time(),
         "output": None,
@@ -403,14 +407,113 @@ def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: Agent
     return {**update, "messages": [step], "pending": None}
 
 
-def route_after_reason(state: State) -> Literal["act", "check_output", "__end__"]:
+def route_after_reason(
+    state: State, *, spec: AgentSpec | None = None
+) -> Literal["approve", "act", "check_output", "__end__"]:
     if state.get("status") == "failed":
         return "__end__"
     messages = state.get("messages", [])
     last = messages[-1] if messages else None
     if isinstance(last, AIMessage) and last.tool_calls:
+        if spec is not None and _awaiting_approval(state, spec, last):
+            return "approve"
         return "act"
     return "check_output"
+
+
+# -- approve ----------------------------------------------------------------------------------
+
+_DECISIONS = frozenset({"approve", "edit", "reject"})
+_HOW = (
+    'resume with a decision per call id: {"<id>": {"action": "approve"}}, '
+    '{"<id>": {"action": "edit", "args": {...}}} or {"<id>": {"action": "reject", "reason": "..."}} '
+    "(with one call, the decision alone will do)"
+)
+
+
+def _final_args(tool: BaseTool, args: Mapping[str, Any], state: State) -> dict[str, Any]:
+    """The arguments the call would run with: the model's, with `from_input` ones from the request."""
+    request = state.get("input") or {}
+    return {**args, **{k: request[k] for k in policy_of(tool).from_input if k in request}}
+
+
+def _awaiting_approval(state: State, spec: AgentSpec, step: AIMessage) -> list[dict[str, Any]]:
+    """The calls of `step` that a person must approve, with their final arguments."""
+    ctx = _guard_context(state)
+    waiting = []
+    for call in step.tool_calls:
+        tool = spec.tools.get(call["name"])
+        if tool is None:
+            continue
+        args = _final_args(tool, call["args"], state)
+        if needs_approval(tool, args, ctx):
+            waiting.append({"id": call["id"], "name": call["name"], "args": args})
+    return waiting
+
+
+def _read_decisions(value: Any, asked: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A person's resume value as one decision per asked call; ValueError says what is wrong."""
+    if isinstance(value, str) and len(asked) == 1:
+        value = {"action": value}
+    if isinstance(value, Mapping) and "action" in value and len(asked) == 1:
+        value = {asked[0]["id"]: value}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}; {_HOW}")
+    decisions = {}
+    for call in asked:
+        raw = value.get(call["id"])
+        if isinstance(raw, str):
+            raw = {"action": raw}
+        if not isinstance(raw, Mapping) or raw.get("action") not in _DECISIONS:
+            raise ValueError(f"no valid decision for call {call['id']} ({call['name']}); {_HOW}")
+        action = str(raw["action"])
+        if raw.get("name", call["name"]) != call["name"]:
+            raise ValueError(
+                f"an edit cannot switch call {call['id']} from {call['name']} to another tool; "
+                "reject it instead, and the model will choose again"
+            )
+        args = dict(call["args"])
+        if action == "edit":
+            if not isinstance(raw.get("args"), Mapping):
+                raise ValueError(f'an edit of call {call["id"]} needs "args": the arguments to change')
+            args.update(raw["args"])
+        reason = str(raw.get("reason") or "rejected by a person")
+        decisions[str(call["id"])] = {"action": action, "name": call["name"], "args": args, "reason": reason}
+    return decisions
+
+
+def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """Pause for a person's decision on every call that needs approval (LangGraph `interrupt`).
+
+    A call identical to one a person rejected earlier in the thread is rejected again without
+    asking. Edited arguments replace the model's in the thread, and `act` checks them again
+    (schema, choices, guard) before anything runs.
+    """
+    step = state["messages"][-1]
+    assert isinstance(step, AIMessage)
+    refused = {_key(r["name"], r["args"]): r for r in state.get("rejected_calls", [])}
+    decisions: dict[str, dict[str, Any]] = {}
+    asked = []
+    for call in _awaiting_approval(state, spec, step):
+        earlier = refused.get(_key(call["name"], call["args"]))
+        if earlier is not None:
+            decisions[call["id"]] = {**earlier, "action": "reject", "again": True}
+        else:
+            asked.append(call)
+    problem = None
+    while asked:  # each pass is one interrupt; a resume value that cannot be read is asked again
+        value = interrupt({"type": "approval", "calls": asked, "problem": problem, "how": _HOW})
+        try:
+            decisions.update(_read_decisions(value, asked))
+            break
+        except ValueError as exc:
+            problem = str(exc)
+    edited = {cid: d["args"] for cid, d in decisions.items() if d["action"] == "edit"}
+    update: dict[str, Any] = {"approvals": {**state.get("approvals", {}), **decisions}}
+    if edited:
+        calls = [{**c, "args": edited.get(str(c["id"]), c["args"])} for c in step.tool_calls]
+        update["messages"] = [step.model_copy(update={"tool_calls": calls})]
+    return update
 
 
 # -- act --------------------------------------------------------------------------------------
@@ -508,6 +611,26 @@ def _effect_call(
     return outcome
 
 
+def _person_refusal(
+    tool: BaseTool, call_id: str, args: Mapping[str, Any], state: State
+) -> tuple[str, bool] | None:
+    """Why a person's decision stops this call (and whether it was refused before), or None.
+
+    A call that needs approval runs only with an approve or edit decision for exactly these
+    arguments; anything else (no decision, arguments changed since) is refused.
+    """
+    decision = state.get("approvals", {}).get(call_id)
+    if decision is None:
+        if needs_approval(tool, args, _guard_context(state)):
+            return "it needs a person's approval, and none was given", False
+        return None
+    if decision["action"] == "reject":
+        return str(decision["reason"]), bool(decision.get("again"))
+    if decision["name"] != tool.name or decision["args"] != dict(args):
+        return "the arguments differ from the ones a person approved", False
+    return None
+
+
 def _not_offered(name: str, again: bool) -> Problem:
     reason = (
         f"you already called {name} with these arguments; its result is above"
@@ -517,85 +640,115 @@ def _not_offered(name: str, again: bool) -> Problem:
     return Problem(field="action", reason=reason, fix=f"use the results you have and reply with {ANSWER}")
 
 
-def _error_reply(content: str, call_id: str, name: str) -> ToolMessage:
-    return ToolMessage(content, tool_call_id=call_id, name=name, status="error")
+@dataclass
+class _Round:
+    """What one `act` pass accumulates while it goes through the step's calls."""
+
+    state: State
+    stats: Stats
+    attempts: list[dict[str, Any]]
+    tool_log: list[dict[str, Any]]
+    answer_only: bool
+    replies: list[AnyMessage] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def refuse(self, call_id: str, name: str, content: str, attempt: dict[str, Any] | None = None) -> None:
+        if attempt is not None:
+            self.attempts.append(attempt)
+        self.replies.append(ToolMessage(content, tool_call_id=call_id, name=name, status="error"))
+
+
+def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: set[str]) -> None:
+    """Check, approve-check and run one tool call, recording its reply and any attempt."""
+    state, attempts = rnd.state, rnd.attempts
+    name, args, call_id = call["name"], dict(call["args"]), call["id"] or uuid.uuid4().hex
+    raw = json.dumps({"action": name, "args": args}, default=str)
+    if name not in spec.tools:
+        problem = Problem(
+            field="action",
+            reason=f"there is no tool named {name!r}",
+            fix=f"use one of: {', '.join([*spec.tools, ANSWER])}",
+        )
+        rnd.refuse(
+            call_id,
+            name,
+            f"ERROR: {problem.reason}; {problem.fix}.",
+            _attempt(attempts, "unknown_tool", raw, [problem]),
+        )
+        return
+    if name not in allowed:
+        done = {_key(e["name"], e["args"]) for e in rnd.tool_log}
+        problem = _not_offered(name, _key(name, args) in done)
+        content = f"NOT RUN: {problem.reason}. Now reply with {ANSWER}."
+        rnd.refuse(call_id, name, content, _attempt(attempts, "repeated_call", raw, [problem]))
+        rnd.answer_only = True
+        return
+    tool = spec.tools[name]
+    args = _final_args(tool, args, state)
+    if person := _person_refusal(tool, call_id, args, state):
+        rejection, again = person
+        rnd.rejected.append({"name": name, "args": args, "reason": rejection})
+        problem = Problem(
+            field="action", reason=f"a person rejected this call: {rejection}", fix="answer without it"
+        )
+        # Asking again for what a person refused is the model's mistake, and counts as one.
+        content = f"REJECTED by a person: {rejection}. Do not ask for it again; answer the user."
+        rnd.refuse(
+            call_id, name, content, _attempt(attempts, "rejected_call", raw, [problem]) if again else None
+        )
+        rnd.answer_only = True
+        return
+    current: State = {**state, "tool_log": rnd.tool_log}
+    if refusal := _refusal(tool, args, current):
+        problem = Problem(field=f"args of {name}", reason=refusal, fix="correct the arguments")
+        rnd.refuse(call_id, name, f"NOT RUN: {refusal}", _attempt(attempts, "tool_args", raw, [problem]))
+        return
+    ledger = None if policy_of(tool).side_effect == "read" else spec.ledger()
+    outcome = (
+        run_tool_call(tool, call_id, args)
+        if ledger is None
+        else _effect_call(tool, call_id, args, current, ledger)
+    )
+    status: Literal["success", "error"] = "success" if outcome.ok else "error"
+    rnd.replies.append(ToolMessage(outcome.content, tool_call_id=call_id, name=name, status=status))
+    if outcome.ok:
+        rnd.stats["tool_calls"] += 1
+        rnd.tool_log.append({"name": name, "args": args, "output": outcome.output})
+    elif outcome.kind == "tool_args":
+        attempts.append(_attempt(attempts, "tool_args", raw, outcome.problems))
 
 
 def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
-    messages = state.get("messages", [])
-    last = messages[-1]
+    last = state["messages"][-1]
     assert isinstance(last, AIMessage)
-    stats: Stats = {**_zero_stats(), **state.get("stats", {})}
-    attempts = list(state.get("attempts", []))
-    tool_log = list(state.get("tool_log", []))
-    done = {_key(e["name"], e["args"]): e for e in tool_log}
-    allowed = {t.name for t in _allowed_tools(state, spec)}
-    if kind_of(last) == "preload":
-        allowed = {c["name"] for c in last.tool_calls}
-    answer_only = bool(state.get("answer_only"))
-    replies: list[AnyMessage] = []
+    rnd = _Round(
+        state=state,
+        stats={**_zero_stats(), **state.get("stats", {})},
+        attempts=list(state.get("attempts", [])),
+        tool_log=list(state.get("tool_log", [])),
+        answer_only=bool(state.get("answer_only")),
+    )
+    preload = kind_of(last) == "preload"
+    allowed = (
+        {c["name"] for c in last.tool_calls} if preload else {t.name for t in _allowed_tools(state, spec)}
+    )
     for call in last.tool_calls:
-        name, args, call_id = call["name"], dict(call["args"]), call["id"] or uuid.uuid4().hex
-        raw = json.dumps({"action": name, "args": args}, default=str)
-        if name not in spec.tools:
-            problem = Problem(
-                field="action",
-                reason=f"there is no tool named {name!r}",
-                fix=f"use one of: {', '.join([*spec.tools, ANSWER])}",
-            )
-            attempts.append(_attempt(attempts, "unknown_tool", raw, [problem]))
-            replies.append(_error_reply(f"ERROR: {problem.reason}; {problem.fix}.", call_id, name))
-            continue
-        if name not in allowed:
-            problem = _not_offered(name, _key(name, args) in done)
-            attempts.append(_attempt(attempts, "repeated_call", raw, [problem]))
-            replies.append(
-                _error_reply(f"NOT RUN: {problem.reason}. Now reply with {ANSWER}.", call_id, name)
-            )
-            answer_only = True
-            continue
-        tool = spec.tools[name]
-        request = state.get("input") or {}
-        policy = policy_of(tool)
-        args.update({k: request[k] for k in policy.from_input if k in request})
-        if refusal := _refusal(tool, args, {**state, "tool_log": tool_log}):
-            problem = Problem(field=f"args of {name}", reason=refusal, fix="correct the arguments")
-            attempts.append(_attempt(attempts, "tool_args", raw, [problem]))
-            replies.append(_error_reply(f"NOT RUN: {refusal}", call_id, name))
-            continue
-        ledger = None if policy.side_effect == "read" else spec.ledger()
-        outcome = (
-            run_tool_call(tool, call_id, args)
-            if ledger is None
-            else _effect_call(tool, call_id, args, {**state, "tool_log": tool_log}, ledger)
-        )
-        replies.append(
-            ToolMessage(
-                outcome.content,
-                tool_call_id=call_id,
-                name=name,
-                status="success" if outcome.ok else "error",
-            )
-        )
-        if outcome.ok:
-            stats["tool_calls"] += 1
-            entry = {"name": name, "args": args, "output": outcome.output}
-            tool_log.append(entry)
-            done[_key(name, args)] = entry
-        elif outcome.kind == "tool_args":
-            attempts.append(_attempt(attempts, "tool_args", raw, outcome.problems))
-    stats["repairs"] = len(attempts)
+        _one_call(rnd, call, spec, allowed)
+    rnd.stats["repairs"] = len(rnd.attempts)
     update: dict[str, Any] = {
-        "messages": replies,
-        "attempts": attempts,
-        "tool_log": tool_log,
-        "tool_rounds": state.get("tool_rounds", 0) + (0 if kind_of(last) == "preload" else 1),
-        "answer_only": answer_only,
-        "stats": stats,
+        "messages": rnd.replies,
+        "attempts": rnd.attempts,
+        "tool_log": rnd.tool_log,
+        "tool_rounds": state.get("tool_rounds", 0) + (0 if preload else 1),
+        "answer_only": rnd.answer_only,
+        "stats": rnd.stats,
     }
-    if why := _exhausted(spec, attempts):
-        return {**update, **_fail(state, attempts, stats, f"no valid answer: {why}")}
+    if rnd.rejected:
+        known = state.get("rejected_calls", [])
+        update["rejected_calls"] = [*known, *(r for r in rnd.rejected if r not in known)]
+    if why := _exhausted(spec, rnd.attempts):
+        return {**update, **_fail(state, rnd.attempts, rnd.stats, f"no valid answer: {why}")}
     return update
 
 

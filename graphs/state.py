@@ -95,6 +95,11 @@ class State(InputState, OutputState, total=False):
     """Set when the model must answer now: no more tool calls this turn."""
     started: float
     """When this turn began (epoch seconds)."""
+    approvals: dict[str, dict[str, Any]]
+    """This turn's decisions of a person on tool calls, by call id: approve, edit or reject."""
+    rejected_calls: list[dict[str, Any]]
+    """Calls a person rejected in this thread (name, args, reason): the same call is refused
+    without asking again, so the model cannot loop on it."""
     usage: Annotated[dict[str, int], add_usage]
     """Tokens spent by the whole thread."""
 

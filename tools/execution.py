@@ -17,10 +17,12 @@ from keelgraph.contracts.parsing import storable
 from keelgraph.tools.ledger import running_with_key
 
 __all__ = [
+    "Approval",
     "CallOutcome",
     "SideEffect",
     "ToolPolicy",
     "fence",
+    "needs_approval",
     "policy_of",
     "run_tool_call",
     "with_policy",
@@ -40,6 +42,10 @@ class GuardContext:
     """The thread's earlier validated answers, oldest first."""
     tool_results: Sequence[Mapping[str, Any]]
     """This turn's successful tool calls so far."""
+
+
+Approval = Literal["never", "always"] | Callable[[Mapping[str, Any], GuardContext], bool]
+"""When a person must approve a call: never, always, or when a predicate on (args, context) holds."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,10 @@ class ToolPolicy:
     from_input: tuple[str, ...] = ()
     """Arguments always taken from the validated request (e.g. `customer_id`), whatever the
     model wrote: the model cannot act for another customer."""
+    approval: Approval = "never"
+    """Whether a person must approve a call before it runs: `"never"`, `"always"`, or a predicate
+    on the arguments and context (e.g. refunds over 100). The graph pauses with a LangGraph
+    `interrupt()`; the person approves, edits the arguments, or rejects (see README, Approvals)."""
     idempotency_key: Callable[[Mapping[str, Any], GuardContext], str] | None = None
     """For `write`/`external` tools: the key under which a completed call is recorded in the
     effect ledger (a replay with the same key returns the recorded result instead of acting
@@ -124,6 +134,16 @@ def fence(name: str, output: Any, limit: int) -> str:
     if len(text) > limit:
         text = f"{text[:limit]}... [cut: {len(text) - limit} more characters]"
     return f"<tool_result name={json.dumps(name)}>\n{text}\n</tool_result>"
+
+
+def needs_approval(tool: BaseTool, args: Mapping[str, Any], ctx: GuardContext) -> bool:
+    """Whether this call must wait for a person, by the tool's `approval` policy."""
+    rule = policy_of(tool).approval
+    if rule == "never":
+        return False
+    if rule == "always":
+        return True
+    return bool(rule(args, ctx))
 
 
 def allowed_values(tool: BaseTool, ctx: GuardContext) -> dict[str, list[Any]]:
