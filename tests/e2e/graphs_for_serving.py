@@ -1,11 +1,16 @@
-"""A served graph whose model always breaks the contract: RepairExhausted over HTTP, as data."""
+"""Served test graphs: one whose model always breaks the contract (RepairExhausted over HTTP, as
+data), and one whose write tool needs a person's approval (interrupt and resume over HTTP)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
-from keelgraph import Contract, build_graph
-from keelgraph.testing import ScriptedChatModel, answer
+from keelgraph import Contract, build_graph, with_policy
+from keelgraph.testing import ScriptedChatModel, answer, call
 
 
 class Sum(BaseModel):
@@ -22,4 +27,40 @@ failing = build_graph(
     model=ScriptedChatModel([answer(total=-1)], repeat_last=True),
     checkpointer=None,
     name="failing",
+)
+
+
+class Ask(BaseModel):
+    order_id: int
+
+
+class Done(BaseModel):
+    reply: str
+
+
+def refund(order_id: int, amount: float) -> str:
+    """Refund an amount on an order."""
+    return f"refunded {amount:.2f} on order {order_id}"
+
+
+def _refund_then_answer(messages: list[BaseMessage]) -> dict[str, Any]:
+    if isinstance(messages[-1], HumanMessage) and "Data from refund" in str(messages[-1].content):
+        return answer(reply="refund done")
+    return call("refund", amount=30)
+
+
+approval = build_graph(
+    Contract(input=Ask, output=Done, instructions="Handle refunds."),
+    [
+        with_policy(
+            StructuredTool.from_function(refund, name="refund"),
+            side_effect="write",
+            approval="always",
+            from_input=("order_id",),
+        )
+    ],
+    model=ScriptedChatModel([_refund_then_answer], repeat_last=True),
+    strategy="json_object",
+    checkpointer=None,
+    name="approval",
 )

@@ -35,7 +35,8 @@ def served(model_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = json.loads((ROOT / "langgraph.json").read_text())
     config["dependencies"] = [str(ROOT)]
     config["graphs"] = {name: str(ROOT / spec.removeprefix("./")) for name, spec in config["graphs"].items()}
-    config["graphs"]["failing"] = f"{ROOT / 'tests/e2e/graphs_for_serving.py'}:failing"
+    for name in ("failing", "approval"):
+        config["graphs"][name] = f"{ROOT / 'tests/e2e/graphs_for_serving.py'}:{name}"
     (tmp / "langgraph.json").write_text(json.dumps(config))
     with DevServer(tmp / "langgraph.json", env=env, log=tmp / "langgraph-dev.log") as server:
         yield server.url
@@ -170,3 +171,25 @@ async def test_exhausted_repairs_are_structured_data_over_http(client: LangGraph
 
 def answer_total(total: int) -> dict[str, Any]:
     return {"action": "final_answer", "answer": {"total": total}}
+
+
+async def test_approval_interrupt_and_resume_over_http(client: LangGraphClient) -> None:
+    """A write tool that needs approval pauses the run; the person's edit resumes it over HTTP."""
+    thread_id = await new_thread(client)
+    paused = await client.runs.wait(thread_id, "approval", input={"request": {"order_id": 7}})
+    assert isinstance(paused, dict)
+    [pause] = paused["__interrupt__"]
+    ask = pause["value"]
+    assert ask["type"] == "approval" and ask["problem"] is None
+    assert [(c["name"], c["args"]) for c in ask["calls"]] == [("refund", {"amount": 30, "order_id": 7})]
+    state = await client.threads.get_state(thread_id)
+    assert state["next"] == ["approve"]
+    bad = await client.runs.wait(thread_id, "approval", command={"resume": {"action": "perhaps"}})
+    assert isinstance(bad, dict)
+    assert "no valid decision" in bad["__interrupt__"][0]["value"]["problem"]
+    done = await client.runs.wait(
+        thread_id, "approval", command={"resume": {"action": "edit", "args": {"amount": 20}}}
+    )
+    assert isinstance(done, dict) and done["status"] == "ok", done
+    tools = [m["content"] for m in await messages(client, thread_id) if m["type"] == "tool"]
+    assert len(tools) == 1 and "refunded 20.00 on order 7" in tools[0]
