@@ -96,6 +96,9 @@ def graph_builder(
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
     effects: EffectLedger | Literal["default"] | None = "default",
+    max_tool_calls: int | None = 16,
+    max_thread_tool_calls: int | None = None,
+    refuse_tainted_writes: bool = True,
 ) -> StateGraph[State, Context, InputState, OutputState]:
     """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
 
@@ -105,6 +108,9 @@ def graph_builder(
     `effects` records completed `write`/`external` tool calls so none is performed twice (see
     `keelgraph.tools.ledger`); by default in `$KEELGRAPH_DATA_DIR/effects.db`, opened at the first
     such call. None turns the record off: such calls may then repeat on resume.
+    `max_tool_calls` / `max_thread_tool_calls` cap the tool calls run per turn / per thread (calls
+    past a cap are refused and the model must answer). `refuse_tainted_writes` enforces the tool
+    policies' `from_user` arguments: values the user must have written, not a tool result.
     """
     from keelgraph.models import default_model
 
@@ -126,6 +132,9 @@ def graph_builder(
                 )
     if max_tool_rounds < 0:
         raise UserError("max_tool_rounds must be >= 0")
+    for label, cap in (("max_tool_calls", max_tool_calls), ("max_thread_tool_calls", max_thread_tool_calls)):
+        if cap is not None and cap < 1:
+            raise UserError(f"{label} must be None (no limit) or >= 1, got {cap}")
     source: ModelSource = model if model is not None else default_model
     if isinstance(strategy, str):
         chain: tuple[Strategy, ...] = (strategy,)
@@ -140,6 +149,9 @@ def graph_builder(
         max_tool_rounds=max_tool_rounds,
         allow_repeat_tools=allow_repeat_tools,
         effects=_default_ledger if effects == "default" else effects,
+        max_tool_calls=max_tool_calls,
+        max_thread_tool_calls=max_thread_tool_calls,
+        refuse_tainted_writes=refuse_tainted_writes,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     builder.add_node("validate_input", partial(validate_input, spec=spec))
@@ -179,6 +191,9 @@ def build_graph(
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
     effects: EffectLedger | Literal["default"] | None = "default",
+    max_tool_calls: int | None = 16,
+    max_thread_tool_calls: int | None = None,
+    refuse_tainted_writes: bool = True,
     name: str | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """Compile the keelgraph flow for `contract` and `tools`.
@@ -206,6 +221,9 @@ def build_graph(
         max_tool_rounds=max_tool_rounds,
         allow_repeat_tools=allow_repeat_tools,
         effects=effects,
+        max_tool_calls=max_tool_calls,
+        max_thread_tool_calls=max_thread_tool_calls,
+        refuse_tainted_writes=refuse_tainted_writes,
     )
     if checkpointer == "default":
         from keelgraph.graphs.persistence import sqlite_checkpointer

@@ -100,6 +100,8 @@ class State(InputState, OutputState, total=False):
     rejected_calls: list[dict[str, Any]]
     """Calls a person rejected in this thread (name, args, reason): the same call is refused
     without asking again, so the model cannot loop on it."""
+    thread_tool_calls: int
+    """Tool calls run in this thread, over all its turns (for `max_thread_tool_calls`)."""
     usage: Annotated[dict[str, int], add_usage]
     """Tokens spent by the whole thread."""
 

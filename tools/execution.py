@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -53,7 +54,14 @@ class ToolPolicy:
     """How keelgraph runs a tool. Attach with `with_policy(tool, ...)`."""
 
     timeout_s: float = 15.0
-    """A call still running after this is abandoned and reported to the model as a failure."""
+    """A call still running after this is reported to the model as a failure: an async tool is
+    cancelled; a sync one is abandoned (its thread cannot be killed) and never waited for."""
+    retries: int = 0
+    """Further tries after a transient failure (an exception in `retry_on`), with exponential
+    backoff from `backoff_s`. `write`/`external` tools retry only when `idempotent`."""
+    retry_on: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    """Exceptions that mean "try again later" rather than "this call is wrong"."""
+    backoff_s: float = 0.5
     side_effect: SideEffect = "read"
     """`read` tools may be repeated safely; `write` and `external` ones change the world."""
     max_output_chars: int = 4_000
@@ -77,6 +85,10 @@ class ToolPolicy:
     from_input: tuple[str, ...] = ()
     """Arguments always taken from the validated request (e.g. `customer_id`), whatever the
     model wrote: the model cannot act for another customer."""
+    from_user: tuple[str, ...] = ()
+    """Arguments whose values must be written by the user in this thread (a recipient, an
+    account, an amount): a value that appears only in a tool result is refused, so an instruction
+    planted in tool output cannot choose where a write goes. A person's approval overrides."""
     approval: Approval = "never"
     """Whether a person must approve a call before it runs: `"never"`, `"always"`, or a predicate
     on the arguments and context (e.g. refunds over 100). The graph pauses with a LangGraph
@@ -164,6 +176,32 @@ def _validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
     return []
 
 
+def _attempt_call(tool: BaseTool, args: dict[str, Any], timeout_s: float, key: str | None) -> dict[str, Any]:
+    """One try under the deadline: `{"output": ...}`, `{"error": exc}` or `{"timeout": True}`."""
+    box: dict[str, Any] = {}
+    is_async = getattr(tool, "func", None) is None and getattr(tool, "coroutine", None) is not None
+
+    def target() -> None:
+        try:
+            with running_with_key(key):
+                if is_async:  # cancelled at the deadline, so it stops instead of running on
+                    box["output"] = asyncio.run(asyncio.wait_for(tool.ainvoke(args), timeout_s))
+                else:
+                    box["output"] = tool.invoke(args)
+        except TimeoutError:
+            box["timeout"] = True
+        except Exception as exc:  # a tool's failure is reported to the model, not raised
+            box["error"] = exc
+
+    # A daemon thread per call: a hung sync tool is abandoned without blocking later calls.
+    worker = threading.Thread(target=target, name=f"keelgraph-tool-{tool.name}", daemon=True)
+    worker.start()
+    worker.join(timeout_s + (1.0 if is_async else 0.0))  # an async tool gets time to be cancelled
+    if worker.is_alive():
+        return {"timeout": True}
+    return box
+
+
 def run_tool_call(
     tool: BaseTool, call_id: str, args: dict[str, Any], *, effect_key: str | None = None
 ) -> CallOutcome:
@@ -184,28 +222,27 @@ def run_tool_call(
             problems=problems,
             kind="tool_args",
         )
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            with running_with_key(effect_key):
-                box["output"] = tool.invoke(args)
-        except Exception as exc:  # a tool's failure is reported to the model, not raised
-            box["error"] = exc
-
+    tries = 1 + (policy.retries if policy.side_effect == "read" or policy.idempotent else 0)
     started = time.perf_counter()
-    # A daemon thread per call: a hung sync tool is abandoned without blocking later calls.
-    worker = threading.Thread(target=target, name=f"keelgraph-tool-{tool.name}", daemon=True)
-    worker.start()
-    worker.join(policy.timeout_s)
+    for number in range(1, tries + 1):
+        box = _attempt_call(tool, args, policy.timeout_s, effect_key)
+        error = box.get("error")
+        if number == tries or not isinstance(error, policy.retry_on):
+            break
+        time.sleep(policy.backoff_s * 2 ** (number - 1))
     seconds = time.perf_counter() - started
     failure: tuple[Literal["timeout", "tool_error"], str, str] | None = None
-    if worker.is_alive():
-        reason = f"the tool did not finish within {policy.timeout_s:g} s"
+    tried = f" ({number} tries)" if number > 1 else ""
+    if box.get("timeout"):
+        reason = f"the tool did not finish within {policy.timeout_s:g} s{tried}"
         failure = ("timeout", reason, "answer with what you know, or try a narrower request")
     elif "error" in box:
         exc = box["error"]
-        failure = ("tool_error", f"{tool.name} failed: {type(exc).__name__}: {exc}", "check the arguments")
+        failure = (
+            "tool_error",
+            f"{tool.name} failed{tried}: {type(exc).__name__}: {exc}",
+            "check the arguments",
+        )
     if failure is not None:
         kind, reason, fix = failure
         return CallOutcome(
