@@ -105,6 +105,14 @@ def _prune(args: argparse.Namespace) -> int:
     )
     print(f"pruned {path}")
     print("\n".join(report.lines()))
+    effects = path.parent / "effects.db"
+    if args.older_than and effects.exists():
+        from keelgraph.tools.ledger import SqliteLedger
+
+        ledger = SqliteLedger(effects)
+        dropped = ledger.prune(parse_age(args.older_than))
+        ledger.close()
+        print(f"pruned {effects}: {dropped} completed effect records older than {args.older_than}")
     return 0
 
 

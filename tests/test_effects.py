@@ -259,3 +259,16 @@ def test_sigkill_then_resume_in_a_new_process(
     assert len(keys) == calls
     if mode == "idempotent":
         assert keys[0] == keys[1]  # the repeat carried the same key, so the shop deduplicated it
+
+
+def test_old_completed_records_are_pruned_and_unknown_ones_kept(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "effects.db")
+    for key in ("old", "new", "open"):
+        ledger.begin(key, "place_order", {"item": key}, "t")
+    ledger.finish("old", "x")
+    ledger.finish("new", "y")
+    later = time.time() + 3600
+    assert ledger.prune(older_than_s=1800, now=later) == 2  # both done records are an hour old
+    assert ledger.lookup("old") is None and ledger.lookup("new") is None
+    found = ledger.lookup("open")
+    assert found is not None and found.status == "started"  # unknown outcome: kept for a person

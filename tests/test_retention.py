@@ -13,6 +13,7 @@ from keelgraph import UserError, build_graph, sqlite_checkpointer
 from keelgraph.cli import main
 from keelgraph.graphs.retention import checkpoint_time, prune
 from keelgraph.testing import ScriptedChatModel, answer
+from keelgraph.tools import SqliteLedger
 from tests.test_graph import CONTRACT
 
 
@@ -85,9 +86,16 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
 
 def test_cli(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fill(data / "threads.db", threads=2, turns=30)
+    ledger = SqliteLedger(data / "effects.db")
+    ledger.begin("k", "open_ticket", {}, "t")
+    ledger.finish("k", "done")
+    ledger.close()
+    with sqlite3.connect(data / "effects.db") as conn:  # finished 40 days ago
+        conn.execute("UPDATE keelgraph_effects SET finished = finished - 40 * 86400")
     assert main(["prune", "--keep-last", "20", "--older-than", "30d"]) == 0  # the README's command
     out = capsys.readouterr().out
     assert f"pruned {data / 'threads.db'}" in out and "(40 left)" in out and "MB ->" in out
+    assert f"pruned {data / 'effects.db'}: 1 completed effect records older than 30d" in out
     assert main(["prune", "--older-than", "soon"]) == 1
     assert "is not like 30d" in capsys.readouterr().err
     assert main(["prune", "--db", str(data / "threads.db"), "--older-than", "1d", "--no-vacuum"]) == 0

@@ -180,6 +180,20 @@ class SqliteLedger:
         with self._lock:
             self._conn.execute("DELETE FROM keelgraph_effects WHERE key = ? AND status = 'started'", (key,))
 
+    def prune(self, older_than_s: float, now: float | None = None) -> int:
+        """Drop `done` records finished more than `older_than_s` ago; returns how many.
+
+        Prune them with the threads they belong to (`keelgraph prune --older-than` does both): a
+        record only stops a replay while its thread can still be resumed. `started` records, whose
+        outcome is unknown, are kept for a person to check.
+        """
+        cutoff = (time.time() if now is None else now) - older_than_s
+        with self._lock:
+            done = self._conn.execute(
+                "DELETE FROM keelgraph_effects WHERE status = 'done' AND finished < ?", (cutoff,)
+            )
+            return int(done.rowcount)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
