@@ -568,13 +568,21 @@ def _turn_id(state: State) -> str:
     return ""
 
 
+def _thread_id() -> str:
+    """The running graph's thread id ("" without a checkpointer, or outside a graph run)."""
+    try:
+        configurable = get_config().get("configurable", {})
+    except RuntimeError:  # called outside a runnable context
+        return ""
+    return str(configurable.get("thread_id", ""))
+
+
 def _effect_call(
     tool: BaseTool, call_id: str, args: dict[str, Any], state: State, ledger: EffectLedger
 ) -> CallOutcome:
     """Run a side-effecting call at most once per idempotency key (see `keelgraph.tools.ledger`)."""
     policy = policy_of(tool)
-    configurable = (get_config() or {}).get("configurable", {})
-    thread_id = str(configurable.get("thread_id", ""))
+    thread_id = _thread_id()
     if policy.idempotency_key is not None:
         key = policy.idempotency_key(args, _guard_context(state))
     else:
