@@ -13,6 +13,7 @@ from keelgraph.tools.execution import (
 from keelgraph.tools.http import http_tool
 from keelgraph.tools.ledger import EffectLedger, MemoryLedger, SqliteLedger, effect_key
 from keelgraph.tools.sql import sql_tools
+from keelgraph.tools.workflow import WorkflowRunner, workflow_tools
 
 __all__ = [
     "CallOutcome",
@@ -22,6 +23,7 @@ __all__ = [
     "SideEffect",
     "SqliteLedger",
     "ToolPolicy",
+    "WorkflowRunner",
     "effect_key",
     "fence",
     "http_tool",
@@ -29,4 +31,5 @@ __all__ = [
     "run_tool_call",
     "sql_tools",
     "with_policy",
+    "workflow_tools",
 ]
