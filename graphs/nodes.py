@@ -48,6 +48,7 @@ from keelgraph.tools.execution import (
     needs_approval,
     policy_of,
     run_tool_call,
+    validate_args,
 )
 from keelgraph.tools.ledger import EffectLedger, default_key
 
@@ -453,8 +454,17 @@ def _awaiting_approval(state: State, spec: AgentSpec, step: AIMessage) -> list[d
         if tool is None:
             continue
         args = _final_args(tool, call["args"], state)
-        if needs_approval(tool, args, ctx):
-            waiting.append({"id": call["id"], "name": call["name"], "args": args})
+        if not needs_approval(tool, args, ctx):
+            continue
+        # A call the automatic checks will refuse, or the ledger will replay, is not put to a person.
+        if (
+            _done_before(tool, args, state, spec)
+            or validate_args(tool, args)
+            or _refusal(tool, args, state)
+            or _tainted(tool, str(call["id"]), args, state, spec)
+        ):
+            continue
+        waiting.append({"id": call["id"], "name": call["name"], "args": args})
     return waiting
 
 
@@ -577,16 +587,28 @@ def _thread_id() -> str:
     return str(configurable.get("thread_id", ""))
 
 
+def _effect_key(tool: BaseTool, args: Mapping[str, Any], state: State) -> str:
+    policy = policy_of(tool)
+    if policy.idempotency_key is not None:
+        return policy.idempotency_key(args, _guard_context(state))
+    return default_key(_thread_id(), _turn_id(state), tool.name, args)
+
+
+def _done_before(tool: BaseTool, args: Mapping[str, Any], state: State, spec: AgentSpec) -> bool:
+    """Whether the effect ledger already holds this call as done (it will be replayed, not run)."""
+    if policy_of(tool).side_effect == "read" or (ledger := spec.ledger()) is None:
+        return False
+    found = ledger.lookup(_effect_key(tool, args, state))
+    return found is not None and found.status == "done"
+
+
 def _effect_call(
     tool: BaseTool, call_id: str, args: dict[str, Any], state: State, ledger: EffectLedger
 ) -> CallOutcome:
     """Run a side-effecting call at most once per idempotency key (see `keelgraph.tools.ledger`)."""
     policy = policy_of(tool)
     thread_id = _thread_id()
-    if policy.idempotency_key is not None:
-        key = policy.idempotency_key(args, _guard_context(state))
-    else:
-        key = default_key(thread_id, _turn_id(state), tool.name, args)
+    key = _effect_key(tool, args, state)
     found = ledger.lookup(key)
     if found is not None and found.status == "done":
         _log.info("keelgraph: %s already done under key %s; replaying its result", tool.name, key)
@@ -626,23 +648,31 @@ def _effect_call(
     return outcome
 
 
-def _person_refusal(
-    tool: BaseTool, call_id: str, args: Mapping[str, Any], state: State
-) -> tuple[str, bool] | None:
-    """Why a person's decision stops this call (and whether it was refused before), or None.
+def _rejection(call_id: str, state: State) -> tuple[str, bool] | None:
+    """A person's rejection of this call (and whether it repeats an earlier one), or None."""
+    decision = state.get("approvals", {}).get(call_id)
+    if decision is None or decision["action"] != "reject":
+        return None
+    return str(decision["reason"]), bool(decision.get("again"))
 
-    A call that needs approval runs only with an approve or edit decision for exactly these
-    arguments; anything else (no decision, arguments changed since) is refused.
+
+def _unapproved(
+    tool: BaseTool, call_id: str, args: Mapping[str, Any], state: State, spec: AgentSpec
+) -> str | None:
+    """Why a call that needs approval cannot run: no decision, or arguments changed since it.
+
+    Defence in depth: the `approve` node asks for every such call, whatever routed the step here.
+    Calls the ledger will replay change nothing and need no decision; calls with invalid arguments
+    are left to argument validation, which reports them without running anything.
     """
     decision = state.get("approvals", {}).get(call_id)
     if decision is None:
-        if needs_approval(tool, args, _guard_context(state)):
-            return "it needs a person's approval, and none was given", False
+        needed = needs_approval(tool, args, _guard_context(state)) and not validate_args(tool, args)
+        if needed and not _done_before(tool, args, state, spec):
+            return "it needs a person's approval, and none was given"
         return None
-    if decision["action"] == "reject":
-        return str(decision["reason"]), bool(decision.get("again"))
     if decision["name"] != tool.name or decision["args"] != dict(args):
-        return "the arguments differ from the ones a person approved", False
+        return "the arguments differ from the ones a person approved"
     return None
 
 
@@ -703,7 +733,7 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
         return
     tool = spec.tools[name]
     args = _final_args(tool, args, state)
-    if person := _person_refusal(tool, call_id, args, state):
+    if person := _rejection(call_id, state):
         rejection, again = person
         rnd.rejected.append({"name": name, "args": args, "reason": rejection})
         problem = Problem(
@@ -723,8 +753,8 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
         problem = Problem(field=f"args of {name}", reason=refusal, fix="correct the arguments")
         rnd.refuse(call_id, name, f"NOT RUN: {refusal}", _attempt(attempts, "tool_args", raw, [problem]))
         return
-    if (limit := _over_limit(rnd, spec)) is not None:
-        rnd.refuse(call_id, name, f"NOT RUN: {limit}; answer with what you have.")
+    if (why := _unapproved(tool, call_id, args, state, spec) or _over_limit(rnd, spec)) is not None:
+        rnd.refuse(call_id, name, f"NOT RUN: {why}; answer with what you have.")
         rnd.answer_only = True
         return
     rnd.planned += 1

@@ -19,7 +19,8 @@ from keelgraph.contracts.contract import CheckContext, Contract
 from keelgraph.graphs.builder import build_graph
 from keelgraph.graphs.nodes import ModelSource
 from keelgraph.graphs.state import Context, InputState, OutputState, State
-from keelgraph.tools.execution import GuardContext, with_policy
+from keelgraph.tools.execution import Approval, GuardContext, with_policy
+from keelgraph.tools.ledger import EffectLedger
 
 __all__ = [
     "SupportReply",
@@ -179,8 +180,17 @@ def orders_in_conversation(ctx: GuardContext) -> dict[str, list[int]]:
     return {"order_id": sorted(named)}
 
 
-def make_tools(db_path: Path) -> list[BaseTool]:
-    """The desk's tools over the database at `db_path`: one read tool and one write tool."""
+def _ticket_key(args: Mapping[str, Any], ctx: GuardContext) -> str:
+    """One ticket per customer, order and kind, whatever the thread: the shop's own rule."""
+    return f"ticket:{args['customer_id']}:{args['order_id']}:{args['kind']}"
+
+
+def make_tools(db_path: Path, *, ticket_approval: Approval = "always") -> list[BaseTool]:
+    """The desk's tools over the database at `db_path`: one read tool and one write tool.
+
+    Opening a ticket needs a person's approval (`ticket_approval`) and happens once per order and
+    kind: the shop keeps one ticket per order and kind, and the effect ledger replays the first.
+    """
 
     def list_orders(customer_id: int) -> dict[str, Any]:
         with _db(db_path) as conn:
@@ -255,6 +265,9 @@ def make_tools(db_path: Path) -> list[BaseTool]:
             from_input=("customer_id",),
             offer_when=reports_problem,
             choices=orders_in_conversation,
+            approval=ticket_approval,
+            idempotency_key=_ticket_key,
+            idempotent=True,
         ),
     ]
 
@@ -350,16 +363,22 @@ def make_graph(
     *,
     model: ModelSource | None = None,
     checkpointer: Checkpointer | Literal["default"] = "default",
+    ticket_approval: Approval = "always",
+    effects: EffectLedger | Literal["default"] | None = "default",
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
-    """The order-support graph over the shop database (seeded on first use)."""
+    """The order-support graph over the shop database (seeded on first use).
+
+    A ticket waits for a person's approval (an `interrupt`; `keelgraph approve` resumes it).
+    """
     from keelgraph.settings import Settings
 
     path = db_path or Settings.from_env().data_dir / "shop.db"
     seed_database(path)
     return build_graph(
         make_contract(path),
-        make_tools(path),
+        make_tools(path, ticket_approval=ticket_approval),
         model=model,
         checkpointer=checkpointer,
+        effects=effects,
         name="support",
     )

@@ -46,6 +46,8 @@ def _show(title: str, request: Any, result: dict[str, Any]) -> None:
 
 def run_demo(thread_id: str | None = None) -> int:
     """Run the scripted session against the configured or embedded model; print outputs and totals."""
+    from langgraph.types import Command
+
     from keelgraph.graphs.support import make_graph
     from keelgraph.models import default_model
 
@@ -62,6 +64,17 @@ def run_demo(thread_id: str | None = None) -> int:
     outcomes = []
     for title, request in SCRIPT:
         result = graph.invoke({"request": request}, config)
+        for _ in range(3):  # each resume may reach another call that needs a person
+            pauses = result.get("__interrupt__") or []
+            if not pauses:
+                break
+            # The run waits for a person; the demo plays the operator (`keelgraph approve`).
+            calls = pauses[0].value["calls"]
+            for asked in calls:
+                print(f"\n--- {title}: waiting for approval of {asked['name']} {json.dumps(asked['args'])}")
+            print(f"approval: granted by the demo's operator (keelgraph approve --thread {thread})")
+            resume = {asked["id"]: {"action": "approve"} for asked in calls}
+            result = graph.invoke(Command(resume=resume), config)
         _show(title, request, result)
         outcomes.append(result.get("status"))
         for key in _TOTALS:

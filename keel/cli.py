@@ -1,4 +1,4 @@
-"""The `keelgraph` command line: demo, ask, history, model, serve."""
+"""The `keelgraph` command line: demo, ask, approve, history, model, prune, serve."""
 
 from __future__ import annotations
 
@@ -16,6 +16,23 @@ from keelgraph.settings import Settings
 
 EXIT_REJECTED = 2
 EXIT_FAILED = 3
+EXIT_WAITING = 4
+
+
+def _outcome(result: dict[str, Any], thread: str) -> int:
+    """Print a run's result (or what it waits for) and return the exit code."""
+    pauses = result.get("__interrupt__") or []
+    if pauses:
+        waiting = {"status": "waiting", "approval": pauses[0].value}
+        print(json.dumps(waiting, indent=2, default=str))
+        print(
+            f"waiting for a person: keelgraph approve --thread {thread} "
+            '[--edit \'{"note": "..."}\' | --reject REASON]',
+            file=sys.stderr,
+        )
+        return EXIT_WAITING
+    print(json.dumps(result, indent=2, default=str))
+    return {"ok": 0, "rejected": EXIT_REJECTED}.get(str(result.get("status")), EXIT_FAILED)
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -23,9 +40,30 @@ def _ask(args: argparse.Namespace) -> int:
 
     graph = make_graph()
     config: Any = {"configurable": {"thread_id": args.thread}}
-    result = graph.invoke({"request": args.request}, config)
-    print(json.dumps(result, indent=2, default=str))
-    return {"ok": 0, "rejected": EXIT_REJECTED}.get(str(result.get("status")), EXIT_FAILED)
+    return _outcome(graph.invoke({"request": args.request}, config), args.thread)
+
+
+def _approve(args: argparse.Namespace) -> int:
+    from langgraph.types import Command
+
+    from keelgraph.graphs.support import make_graph
+
+    graph = make_graph()
+    config: Any = {"configurable": {"thread_id": args.thread}}
+    pending = [i.value for i in graph.get_state(config).interrupts]
+    if not pending:
+        raise UserError(f"thread {args.thread!r} is not waiting for a person's decision")
+    decision: dict[str, Any] = {"action": "approve"}
+    if args.reject is not None:
+        decision = {"action": "reject", "reason": args.reject}
+    elif args.edit is not None:
+        try:
+            edit = json.loads(args.edit)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--edit is not JSON ({exc.msg}): give the arguments to change") from None
+        decision = {"action": "edit", "args": edit}
+    resume = {call["id"]: decision for call in pending[0]["calls"]}
+    return _outcome(graph.invoke(Command(resume=resume), config), args.thread)
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -126,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--thread", required=True, help="thread id; the same id continues the conversation")
     ask.add_argument("request", help='the request as JSON, e.g. \'{"customer_id": 1, "message": "Hi"}\'')
     ask.set_defaults(func=_ask)
+    approve = sub.add_parser("approve", help="decide on the tool call a thread is waiting for (a ticket)")
+    approve.add_argument("--thread", required=True)
+    decide = approve.add_mutually_exclusive_group()
+    decide.add_argument("--edit", help="JSON of the arguments to change, then run it")
+    decide.add_argument("--reject", metavar="REASON", help="do not run it; the reason goes to the model")
+    approve.set_defaults(func=_approve)
     history = sub.add_parser("history", help="print what a thread kept")
     history.add_argument("--thread", required=True)
     history.set_defaults(func=_history)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from langgraph.types import Command
 
 from keelgraph import sqlite_checkpointer
 from keelgraph.graphs.support import make_graph, reports_problem, seed_database
@@ -67,14 +68,24 @@ def test_ticket_is_opened_once_for_the_right_customer(tmp_path: Path) -> None:
         answer(reply="I opened a ticket for order 1002.", order_ids=[1002]),
     ]
     g, _ = graph(tmp_path, script)
-    result = g.invoke({"request": {"customer_id": 1, "message": "Order 1002 arrived damaged"}}, CFG)
+    paused = g.invoke({"request": {"customer_id": 1, "message": "Order 1002 arrived damaged"}}, CFG)
+    [ask] = paused["__interrupt__"]  # a ticket waits for a person
+    assert ask.value["calls"][0]["args"] == {
+        "customer_id": 1,
+        "order_id": 1002,
+        "kind": "damaged",
+        "note": "arrived damaged",
+    }
+    result = g.invoke(Command(resume="approve"), CFG)
     # customer_id comes from the request, not from the model; action and ticket id from the tool
     assert result["output"]["action"] == "ticket_opened" and result["output"]["ticket_id"] == 1
     g2, _ = graph(tmp_path, script)
-    g2.invoke(
+    again = g2.invoke(
         {"request": {"customer_id": 1, "message": "Order 1002 arrived damaged"}},
         {"configurable": {"thread_id": "x"}},
     )
+    # Another thread asks for the same ticket: the ledger replays it, so no one is asked again.
+    assert "__interrupt__" not in again and again["output"]["ticket_id"] == 1
     rows = (
         sqlite3.connect(tmp_path / "shop.db").execute("SELECT order_id, customer_id FROM tickets").fetchall()
     )
@@ -138,7 +149,10 @@ def test_ticket_for_an_order_the_conversation_is_not_about_is_refused(tmp_path: 
     ]
     g, model = graph(tmp_path, script)
     g.invoke({"request": {"customer_id": 1, "message": "Where is order 1002?"}}, CFG)
-    result = g.invoke({"request": {"customer_id": 1, "message": "It arrived damaged, open a ticket"}}, CFG)
+    paused = g.invoke({"request": {"customer_id": 1, "message": "It arrived damaged, open a ticket"}}, CFG)
+    [ask] = paused["__interrupt__"]
+    assert [c["args"]["order_id"] for c in ask.value["calls"]] == [1002]  # 1001 is refused, not asked
+    result = g.invoke(Command(resume="approve"), CFG)
     assert result["output"]["ticket_id"] == 1 and result["output"]["order_ids"] == [1002]
     refused = model.calls[2]["messages"][-1].content
     assert "NOT RUN: order_id=1001 is not allowed here; use one of [1002]" in refused

@@ -26,6 +26,7 @@ __all__ = [
     "needs_approval",
     "policy_of",
     "run_tool_call",
+    "validate_args",
     "with_policy",
 ]
 
@@ -166,7 +167,8 @@ def allowed_values(tool: BaseTool, ctx: GuardContext) -> dict[str, list[Any]]:
     return {name: list(values) for name, values in policy.choices(ctx).items() if values}
 
 
-def _validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
+def validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
+    """The problems of `args` against the tool's argument schema (empty when valid)."""
     schema = tool.args_schema
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         try:
@@ -210,7 +212,7 @@ def run_tool_call(
     `effect_key` is what `keelgraph.tools.effect_key()` returns inside the tool.
     """
     policy = policy_of(tool)
-    problems = _validate_args(tool, args)
+    problems = validate_args(tool, args)
     if problems:
         lines = "\n".join(f"- {p.line()}" for p in problems)
         return CallOutcome(
