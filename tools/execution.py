@@ -67,6 +67,9 @@ class ToolPolicy:
     """`read` tools may be repeated safely; `write` and `external` ones change the world."""
     max_output_chars: int = 4_000
     """Longer results are cut, and the cut is said, so one tool cannot flood the context."""
+    max_stored_chars: int = 100_000
+    """Results longer than this (as JSON text) are kept in the thread only as their first
+    `max_stored_chars` characters, so one tool cannot bloat every checkpoint of the thread."""
     offer_when: Callable[[Mapping[str, Any]], bool] | None = None
     """Offer the tool to the model only for requests where this holds (given the validated
     request). A write tool gated this way cannot be called needlessly."""
@@ -261,14 +264,9 @@ def run_tool_call(
     if isinstance(output, BaseModel):
         output = output.model_dump(mode="json")
     output = storable(output)  # integers past 64 bits become text: the thread must be able to keep it
-    return CallOutcome(
-        call_id,
-        tool.name,
-        args,
-        ok=True,
-        content=fence(
-            tool.name, policy.present(output) if policy.present else output, policy.max_output_chars
-        ),
-        output=output,
-        seconds=seconds,
-    )
+    content = fence(tool.name, policy.present(output) if policy.present else output, policy.max_output_chars)
+    text = output if isinstance(output, str) else json.dumps(output, default=str, ensure_ascii=False)
+    if len(text) > policy.max_stored_chars:
+        cut = len(text) - policy.max_stored_chars
+        output = f"{text[: policy.max_stored_chars]}... [cut for storage: {cut} more characters]"
+    return CallOutcome(call_id, tool.name, args, ok=True, content=content, output=output, seconds=seconds)
