@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from keelgraph.contracts.decision import inline_refs
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
 from keelgraph.contracts.parsing import oversized_ints
 
@@ -69,28 +70,6 @@ def _too_big(value: BaseModel, prefix: str) -> list[Problem]:
         )
         for path in oversized_ints(value.model_dump(mode="json"))
     ]
-
-
-def _inline(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """A deep copy with local `$ref`s resolved, so one field's choices do not leak into another's."""
-    defs = dict(schema.get("$defs", {}))
-
-    def walk(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                name = ref.removeprefix("#/$defs/")
-                if name in seen:  # recursive model: stop here
-                    return {"type": "object"}
-                extra = {k: walk(v, seen) for k, v in node.items() if k != "$ref"}
-                return {**walk(defs[name], (*seen, name)), **extra}
-            return {k: walk(v, seen) for k, v in node.items() if k != "$defs"}
-        if isinstance(node, list):
-            return [walk(v, seen) for v in node]
-        return node
-
-    result: dict[str, Any] = walk(schema, ())
-    return result
 
 
 def _narrow(node: dict[str, Any], path: list[str], values: list[Any]) -> bool:
@@ -257,7 +236,7 @@ class Contract(Generic[InT, OutT]):
         allowed = self.allowed_output(ctx)
         if not allowed:
             return self.output_schema()
-        schema = _inline(self.output_schema())
+        schema = inline_refs(self.output_schema())  # a fresh copy: choices never leak into the shared schema
         for path, values in allowed.items():
             if not _narrow(schema, path.split("."), values):
                 raise ContractError(

@@ -627,17 +627,8 @@ def _effect_call(
             f"an earlier {tool.name} call like this one was cut off before it reported back, so whether "
             "it took effect is unknown; it was not repeated"
         )
-        return CallOutcome(
-            call_id,
-            tool.name,
-            args,
-            ok=False,
-            content=f"ERROR: {reason}.",
-            problems=[
-                Problem(field=tool.name, reason=reason, fix="tell the user the outcome must be checked")
-            ],
-            kind="tool_error",
-        )
+        fix = "tell the user the outcome must be checked"
+        return CallOutcome.failed(call_id, tool.name, args, kind="tool_error", reason=reason, fix=fix)
     ledger.begin(key, tool.name, args, thread_id)
     outcome = run_tool_call(tool, call_id, args, effect_key=key)
     if outcome.ok:

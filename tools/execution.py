@@ -143,6 +143,31 @@ class CallOutcome:
     kind: Literal["ok", "tool_args", "tool_error", "timeout"] = "ok"
     seconds: float = 0.0
 
+    @classmethod
+    def failed(
+        cls,
+        call_id: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        kind: Literal["tool_error", "timeout"],
+        reason: str,
+        fix: str,
+        seconds: float = 0.0,
+    ) -> CallOutcome:
+        """A call that did not succeed; the model reads `ERROR: <reason>.`"""
+        problem = Problem(field=name, reason=reason, fix=fix)
+        return cls(
+            call_id,
+            name,
+            args,
+            ok=False,
+            content=f"ERROR: {reason}.",
+            problems=[problem],
+            kind=kind,
+            seconds=seconds,
+        )
+
 
 def fence(name: str, output: Any, limit: int) -> str:
     """Label a tool result as untrusted data, capped at `limit` characters."""
@@ -250,22 +275,15 @@ def run_tool_call(
         )
     if failure is not None:
         kind, reason, fix = failure
-        return CallOutcome(
-            call_id,
-            tool.name,
-            args,
-            ok=False,
-            content=f"ERROR: {reason}.",
-            problems=[Problem(field=tool.name, reason=reason, fix=fix)],
-            kind=kind,
-            seconds=seconds,
+        return CallOutcome.failed(
+            call_id, tool.name, args, kind=kind, reason=reason, fix=fix, seconds=seconds
         )
     output = box.get("output")
     if isinstance(output, BaseModel):
         output = output.model_dump(mode="json")
     output = storable(output)  # integers past 64 bits become text: the thread must be able to keep it
-    content = fence(tool.name, policy.present(output) if policy.present else output, policy.max_output_chars)
     text = output if isinstance(output, str) else json.dumps(output, default=str, ensure_ascii=False)
+    content = fence(tool.name, policy.present(output) if policy.present else text, policy.max_output_chars)
     if len(text) > policy.max_stored_chars:
         cut = len(text) - policy.max_stored_chars
         output = f"{text[: policy.max_stored_chars]}... [cut for storage: {cut} more characters]"
