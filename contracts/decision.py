@@ -64,7 +64,13 @@ def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
                 target = walk(copy.deepcopy(defs[name]), (*seen, name))
                 extra = {k: walk(v, seen) for k, v in node.items() if k != "$ref"}
                 return {**target, **extra}
-            return {k: walk(v, seen) for k, v in node.items() if k not in {"$defs", "title"}}
+            return {
+                k: {name: walk(sub, seen) for name, sub in v.items()}
+                if k == "properties" and isinstance(v, dict)  # field names, not keywords: keep "title"
+                else walk(v, seen)
+                for k, v in node.items()
+                if k not in {"$defs", "title"}
+            }
         if isinstance(node, list):
             return [walk(v, seen) for v in node]
         return node

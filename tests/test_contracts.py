@@ -177,3 +177,19 @@ def test_output_choices_naming_no_field_is_a_developer_error() -> None:
     contract = _basket_contract(**{"lines.colour": ["red"]})
     with pytest.raises(ContractError, match=r"'lines.colour', which is not a field of Basket"):
         contract.output_schema_for(CheckContext(input=Shop(stock=["mug"])))
+
+
+def test_a_field_named_title_survives_ref_inlining() -> None:
+    from keelgraph.contracts.decision import inline_refs
+
+    class Book(BaseModel):
+        title: str
+        year: int
+
+    class Shelf(BaseModel):
+        books: list[Book]
+
+    schema = inline_refs(Shelf.model_json_schema())
+    book = schema["properties"]["books"]["items"]
+    assert book["properties"] == {"title": {"type": "string"}, "year": {"type": "integer"}}
+    assert "title" not in schema and "title" not in book  # the keyword is still dropped
