@@ -1,17 +1,47 @@
-"""Checkpointers: a tuned SQLite file by default."""
+"""Checkpointers and stores: a tuned SQLite file by default, PostgreSQL for several processes.
+
+A *target* is a file path (SQLite) or a `postgresql://` URL. None means the configured one:
+`KEELGRAPH_DATABASE_URL`, else `threads.db` / `store.db` under `KEELGRAPH_DATA_DIR`.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
+from urllib.parse import urlsplit
 
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.store.base import BaseStore
 
+from keelgraph.contracts.errors import UserError
 from keelgraph.contracts.parsing import oversized_ints, storable
 
-__all__ = ["StorableSerializer", "sqlite_checkpointer"]
+if TYPE_CHECKING:
+    import aiosqlite
+    from psycopg import AsyncConnection, Connection
+    from psycopg.rows import DictRow
+    from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+__all__ = [
+    "StorableSerializer",
+    "async_checkpointer",
+    "async_store",
+    "checkpointer",
+    "default_target",
+    "sqlite_checkpointer",
+    "store",
+]
+
+Kind = Literal["threads", "store"]
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+# WAL plus NORMAL keeps every committed turn across a process crash and costs one fsync per
+# checkpoint batch instead of several; the busy timeout lets several processes share the file.
+_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=30000")
 
 
 class StorableSerializer(JsonPlusSerializer):
@@ -39,12 +69,303 @@ def sqlite_checkpointer(path: str | Path) -> SqliteSaver:
 
     >>> saver = sqlite_checkpointer(":memory:")
     """
+    saver = SqliteSaver(_sqlite_connect(path), serde=StorableSerializer())
+    saver.setup()
+    return saver
+
+
+def default_target(kind: Kind = "threads", *, env: Mapping[str, str] | None = None) -> str | Path:
+    """The configured target: `KEELGRAPH_DATABASE_URL`, else `$KEELGRAPH_DATA_DIR/{kind}.db`.
+
+    >>> default_target("store", env={"KEELGRAPH_DATA_DIR": "/srv/kg"})
+    PosixPath('/srv/kg/store.db')
+    >>> default_target(env={"KEELGRAPH_DATABASE_URL": "postgresql://app@db/app"})
+    'postgresql://app@db/app'
+    """
+    from keelgraph.settings import Settings
+
+    settings = Settings.from_env(env)
+    return settings.database_url or settings.data_dir / f"{kind}.db"
+
+
+@asynccontextmanager
+async def async_checkpointer(target: str | Path | None = None) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    """An async checkpointer, set up and closed on exit: `AsyncSqliteSaver` on a file (tuned as
+    `sqlite_checkpointer`) or `AsyncPostgresSaver` on a connection pool for a `postgresql://` URL.
+
+    >>> import asyncio, tempfile
+    >>> async def main(path: str) -> str:
+    ...     async with async_checkpointer(path) as saver:
+    ...         return type(saver).__name__
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     asyncio.run(main(f"{tmp}/threads.db"))
+    'AsyncSqliteSaver'
+    """
+    backend, where = _resolve(target, "threads")
+    if backend == "sqlite":
+        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+        async with _aiosqlite_connect(where) as conn:
+            saver = AsyncSqliteSaver(conn, serde=StorableSerializer())
+            await saver.setup()
+            yield saver
+        return
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    async with _async_pool(where) as pool:
+        postgres = AsyncPostgresSaver(pool, serde=StorableSerializer())
+        async with _async_setup_lock(pool):
+            await postgres.setup()
+        yield postgres
+
+
+@contextmanager
+def checkpointer(target: str | Path | None = None) -> Iterator[BaseCheckpointSaver[Any]]:
+    """The sync twin of `async_checkpointer`: `sqlite_checkpointer` or `PostgresSaver`, closed on exit.
+
+    >>> with checkpointer(":memory:") as saver:
+    ...     type(saver).__name__
+    'SqliteSaver'
+    """
+    backend, where = _resolve(target, "threads")
+    if backend == "sqlite":
+        saver = sqlite_checkpointer(where)
+        try:
+            yield saver
+        finally:
+            saver.conn.close()
+        return
+    from langgraph.checkpoint.postgres import PostgresSaver
+
+    with _pool(where) as pool:
+        postgres = PostgresSaver(pool, serde=StorableSerializer())
+        with _setup_lock(pool):
+            postgres.setup()
+        yield postgres
+
+
+@asynccontextmanager
+async def async_store(target: str | Path | None = None) -> AsyncIterator[BaseStore]:
+    """A long-term memory store, set up and closed on exit: `AsyncSqliteStore` on a file (tuned as
+    `sqlite_checkpointer`) or `AsyncPostgresStore` for a `postgresql://` URL. No vector index yet.
+
+    >>> import asyncio
+    >>> async def main() -> dict[str, object] | None:
+    ...     async with async_store(":memory:") as store:
+    ...         await store.aput(("user-1", "prefs"), "lang", {"value": "fr"})
+    ...         item = await store.aget(("user-1", "prefs"), "lang")
+    ...         return item.value if item else None
+    >>> asyncio.run(main())
+    {'value': 'fr'}
+    """
+    backend, where = _resolve(target, "store")
+    if backend == "sqlite":
+        from langgraph.store.sqlite.aio import AsyncSqliteStore
+
+        async with _aiosqlite_connect(where, autocommit=True) as conn:
+            sqlite_store = AsyncSqliteStore(conn)
+            await sqlite_store.setup()
+            yield sqlite_store
+        return
+    from langgraph.store.postgres.aio import AsyncPostgresStore
+
+    async with _async_pool(where) as pool:
+        postgres = AsyncPostgresStore(pool)
+        async with _async_setup_lock(pool):
+            await postgres.setup()
+        yield postgres
+
+
+@contextmanager
+def store(target: str | Path | None = None) -> Iterator[BaseStore]:
+    """The sync twin of `async_store`: `SqliteStore` or `PostgresStore`, closed on exit.
+
+    >>> with store(":memory:") as memory:
+    ...     memory.put(("user-1", "prefs"), "lang", {"value": "fr"})
+    ...     [item.key for item in memory.search(("user-1",))]
+    ['lang']
+    """
+    backend, where = _resolve(target, "store")
+    if backend == "sqlite":
+        from langgraph.store.sqlite import SqliteStore
+
+        conn = _sqlite_connect(where, autocommit=True)
+        try:
+            sqlite_store = SqliteStore(conn)
+            sqlite_store.setup()
+            yield sqlite_store
+        finally:
+            conn.close()
+        return
+    from langgraph.store.postgres import PostgresStore
+
+    with _pool(where) as pool:
+        postgres = PostgresStore(pool)
+        with _setup_lock(pool):
+            postgres.setup()
+        yield postgres
+
+
+def _resolve(target: str | Path | None, kind: Kind) -> tuple[Literal["sqlite", "postgres"], str]:
+    """("sqlite", path) or ("postgres", url); a URL of any other scheme is refused."""
+    if target is None:
+        target = default_target(kind)
+    if isinstance(target, Path):
+        where = str(target)
+    elif "://" in target:
+        scheme = target.split("://", 1)[0].lower()
+        if scheme in _POSTGRES_SCHEMES:
+            _require_postgres()
+            return "postgres", target
+        raise UserError(
+            f"cannot store {kind} at a {scheme}:// URL: use a postgresql:// URL or a SQLite file path"
+        )
+    else:
+        where = target
+    return "sqlite", where
+
+
+def _require_postgres() -> None:
+    try:
+        import langgraph.checkpoint.postgres
+        import langgraph.store.postgres  # noqa: F401
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise UserError(
+            f"PostgreSQL persistence needs the postgres extra ({exc.name} is missing): "
+            "pip install 'keelgraph[postgres]'"
+        ) from None
+
+
+def _sqlite_connect(path: str | Path, *, autocommit: bool = False) -> sqlite3.Connection:
+    """A tuned connection; the stores expect autocommit (`isolation_level=None`), the savers not."""
     if str(path) != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA busy_timeout=30000")
-    saver = SqliteSaver(conn, serde=StorableSerializer())
-    saver.setup()
-    return saver
+    if autocommit:
+        conn.isolation_level = None
+    for pragma in _PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+@asynccontextmanager
+async def _aiosqlite_connect(path: str, *, autocommit: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+    import aiosqlite
+
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    autocommits: dict[str, Any] = {"isolation_level": None} if autocommit else {}
+    async with aiosqlite.connect(path, timeout=30.0, **autocommits) as conn:
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        yield conn
+
+
+_PG_KWARGS: dict[str, Any] = {"autocommit": True, "prepare_threshold": 0}
+_CONNECT_TIMEOUT_S = 10
+
+
+@asynccontextmanager
+async def _async_pool(url: str) -> AsyncIterator[AsyncConnectionPool[AsyncConnection[DictRow]]]:
+    """A pool as LangGraph's savers expect it (autocommit, dict rows); connections are checked
+    before use, so a restarted database costs a reconnect instead of a failed run."""
+    import psycopg
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
+    try:  # one direct connection first: a pool would retry a bad URL until its timeout, silently
+        await (await psycopg.AsyncConnection.connect(url, connect_timeout=_CONNECT_TIMEOUT_S)).close()
+    except psycopg.Error as exc:
+        raise UserError(_unreachable(url, exc)) from None
+    pool = cast(
+        "AsyncConnectionPool[AsyncConnection[DictRow]]",
+        AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=10,
+            kwargs={**_PG_KWARGS, "row_factory": dict_row},
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+        ),
+    )
+    await pool.open(wait=True, timeout=_CONNECT_TIMEOUT_S)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@contextmanager
+def _pool(url: str) -> Iterator[ConnectionPool[Connection[DictRow]]]:
+    import psycopg
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+
+    try:
+        psycopg.connect(url, connect_timeout=_CONNECT_TIMEOUT_S).close()
+    except psycopg.Error as exc:
+        raise UserError(_unreachable(url, exc)) from None
+    pool = cast(
+        "ConnectionPool[Connection[DictRow]]",
+        ConnectionPool(
+            url,
+            min_size=1,
+            max_size=10,
+            kwargs={**_PG_KWARGS, "row_factory": dict_row},
+            check=ConnectionPool.check_connection,
+            open=False,
+        ),
+    )
+    pool.open(wait=True, timeout=_CONNECT_TIMEOUT_S)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+# LangGraph's setup() runs its migrations unguarded: replicas starting together on a fresh database
+# failed with UniqueViolation (6 concurrent setups, 5 of 5 tries). One advisory lock serialises them.
+# It is polled, not awaited: a session blocked in pg_advisory_lock() holds a snapshot, and the
+# migrations' CREATE INDEX CONCURRENTLY waits for every snapshot, so a blocking wait deadlocks.
+_SETUP_LOCK = 0x6B65656C67726170  # "keelgrap"
+_TRY_LOCK = "SELECT pg_try_advisory_lock(%s) AS got"
+_POLL_S = 0.05
+
+
+@asynccontextmanager
+async def _async_setup_lock(pool: AsyncConnectionPool[AsyncConnection[DictRow]]) -> AsyncIterator[None]:
+    import asyncio
+
+    async with pool.connection() as conn:
+        while not (await (await conn.execute(_TRY_LOCK, (_SETUP_LOCK,))).fetchall())[0]["got"]:
+            await asyncio.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK,))
+
+
+@contextmanager
+def _setup_lock(pool: ConnectionPool[Connection[DictRow]]) -> Iterator[None]:
+    import time
+
+    with pool.connection() as conn:
+        while not conn.execute(_TRY_LOCK, (_SETUP_LOCK,)).fetchall()[0]["got"]:
+            time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK,))
+
+
+def _unreachable(url: str, error: Exception) -> str:
+    reason = " ".join(str(error).split())
+    return f"could not connect to PostgreSQL at {_redact(url)}: {reason}"
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()

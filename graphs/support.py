@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Checkpointer
@@ -19,6 +21,7 @@ from keelgraph.contracts.contract import CheckContext, Contract
 from keelgraph.graphs.builder import build_graph
 from keelgraph.graphs.nodes import ModelSource
 from keelgraph.graphs.state import Context, InputState, OutputState, State
+from keelgraph.testing import ScriptedChatModel
 from keelgraph.tools.execution import Approval, GuardContext, with_policy
 from keelgraph.tools.ledger import EffectLedger
 
@@ -28,6 +31,7 @@ __all__ = [
     "make_contract",
     "make_graph",
     "make_tools",
+    "scripted_desk",
     "seed_database",
 ]
 
@@ -382,3 +386,41 @@ def make_graph(
         effects=effects,
         name="support",
     )
+
+
+def _desk_step(messages: list[BaseMessage]) -> dict[str, Any]:
+    last = str(messages[-1].content)
+    if "open_ticket" in last:  # its result, or the reason it did not run
+        found = re.search(r'"order_id":\s*(\d+)', last)
+        order = found.group(1) if found else "your order"
+        return {"action": "final_answer", "answer": {"reply": f"I have passed order {order} to our team."}}
+    requests = [
+        str(m.content) for m in messages if isinstance(m, HumanMessage) and '"customer_id"' in str(m.content)
+    ]
+    try:
+        request = json.loads(requests[-1][requests[-1].index("{") :]) if requests else {}
+    except ValueError:
+        request = {}
+    order = re.search(r"\b(\d{4,})\b", str(request.get("message", "")))
+    if order and reports_problem(request):
+        args = {
+            "customer_id": request["customer_id"],
+            "order_id": int(order.group(1)),
+            "kind": "damaged",
+            "note": str(request["message"])[:500],
+        }
+        return {"action": "open_ticket", "args": args}
+    return {
+        "action": "final_answer",
+        "answer": {"reply": "Thank you for your message. Your orders are listed in your account."},
+    }
+
+
+def scripted_desk() -> ScriptedChatModel:
+    """A scripted stand-in for the desk's model: deterministic, instant, and valid for its contract.
+
+    A message that reports a problem with a named order gets `open_ticket` (which waits for
+    approval), then a reply; any other message gets a plain reply. For load tests and served tests
+    of the main graph that must not depend on a real model's speed or whims.
+    """
+    return ScriptedChatModel([_desk_step], repeat_last=True)

@@ -1,4 +1,4 @@
-"""The `keelgraph` command line: demo, ask, approve, history, model, prune, serve."""
+"""The `keelgraph` command line: demo, ask, approve, history, model, prune, serve, token."""
 
 from __future__ import annotations
 
@@ -123,6 +123,33 @@ def _serve(args: argparse.Namespace) -> int:
     return run(port=args.port)
 
 
+def _token(args: argparse.Namespace) -> int:
+    from keelgraph.auth import TokenFile, token_file_path
+
+    tokens = TokenFile(args.file or token_file_path())
+    if args.action == "create":
+        if not args.user:
+            raise UserError("name the user: keelgraph token create USER")
+        token = tokens.create(args.user, permissions=args.permission or (), label=args.label or "")
+        # The token alone on stdout (scripts capture it); where it is kept, on stderr.
+        print(token)
+        print(
+            f"token for {args.user!r} stored (as a hash) in {tokens.path}; it is not shown again",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action == "revoke":
+        if not args.user:
+            raise UserError("name the user or token id: keelgraph token revoke USER|TOKEN_ID")
+        count = tokens.revoke(args.user)
+        print(f"revoked {count} token(s) from {tokens.path}")
+        return 0 if count else 1
+    for info in tokens.list():
+        perms = ",".join(info.permissions) or "-"
+        print(f"{info.user}\t{info.token_id}\t{info.created_at}\t{perms}\t{info.label}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from keelgraph._demo import run_demo
 
@@ -196,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve langgraph.json's graphs with `langgraph dev`, offline")
     serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     serve.set_defaults(func=_serve)
+    token = sub.add_parser("token", help="bearer tokens of the served graphs' users (see keelgraph.auth)")
+    token.add_argument("action", choices=["create", "list", "revoke"])
+    token.add_argument("user", nargs="?", help="create: the user; revoke: the user or a token id")
+    token.add_argument("--permission", action="append", help="a permission to grant (repeatable)")
+    token.add_argument("--label", help="a note kept with the token (who, what for)")
+    token.add_argument(
+        "--file",
+        type=Path,
+        help="token file (default: $KEELGRAPH_AUTH_TOKENS or $KEELGRAPH_DATA_DIR/tokens.json)",
+    )
+    token.set_defaults(func=_token)
     return parser
 
 

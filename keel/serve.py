@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ import httpx
 from keelgraph._process import free_port, port_free, stop_group
 from keelgraph.contracts.errors import UserError
 
-__all__ = ["DevServer", "free_port", "run", "serve_env"]
+__all__ = ["DevServer", "free_port", "run", "serve_env", "write_config"]
 
 _QUIET = {
     "LANGGRAPH_CLI_NO_ANALYTICS": "1",
@@ -44,6 +45,44 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
         env.pop(key, None)
     env.update(_QUIET)
     return env
+
+
+def write_config(
+    folder: Path,
+    base: Path,
+    *,
+    graphs: Mapping[str, str] | None = None,
+    extra_graphs: Mapping[str, str] | None = None,
+) -> Path:
+    """A copy of the `langgraph.json` at `base` in `folder`, with every path made absolute.
+
+    `langgraph dev` keeps its thread metadata (`.langgraph_api/`) beside its config, so a server
+    for tests or benchmarks gets a config in a folder of its own. `graphs` replaces the served
+    graphs, `extra_graphs` adds some; both map names to `file.py:attribute` (relative to `base`'s
+    folder, or absolute).
+    """
+    root = base.resolve().parent
+    config = json.loads(base.read_text())
+
+    def absolute(spec: str) -> str:
+        path, _, attr = spec.rpartition(":")
+        if "/" not in path and not path.endswith(".py"):
+            return spec  # a module path (package.module:attr) stays as it is
+        return f"{(root / path).resolve()}:{attr}"
+
+    chosen = dict(graphs) if graphs is not None else dict(config["graphs"])
+    chosen.update(extra_graphs or {})
+    config["graphs"] = {name: absolute(spec) for name, spec in chosen.items()}
+    config["dependencies"] = [
+        str(root / d) if d.startswith(".") else d for d in config.get("dependencies", [])
+    ]
+    for key in ("checkpointer", "store", "auth"):
+        if isinstance(config.get(key), dict) and "path" in config[key]:
+            config[key]["path"] = absolute(config[key]["path"])
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / "langgraph.json"
+    out.write_text(json.dumps(config, indent=2))
+    return out
 
 
 def _command() -> list[str]:
@@ -84,8 +123,11 @@ class DevServer:
         port: int | None = None,
         env: Mapping[str, str] | None = None,
         log: Path | None = None,
+        jobs: int | None = None,
     ) -> None:
         self.config = config.resolve()
+        self.jobs = jobs
+        """Runs the server executes at once (`--n-jobs-per-worker`; langgraph dev's default is 10)."""
         self.port = port or free_port()
         self.env = serve_env(env)
         self.log = log or Path(tempfile.gettempdir()) / f"keelgraph-langgraph-dev-{self.port}.log"
@@ -121,6 +163,8 @@ class DevServer:
             *_command(), "dev", "--no-browser", "--no-reload",
             "--host", "127.0.0.1", "--port", str(self.port), "--config", str(self.config),
         ]  # fmt: skip
+        if self.jobs is not None:
+            cmd += ["--n-jobs-per-worker", str(self.jobs)]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as sink:
             self.process = subprocess.Popen(
@@ -167,6 +211,24 @@ class DevServer:
         stop_group(process)
 
 
+def _no_users_hint(env: Mapping[str, str]) -> str | None:
+    """What to do when the server's auth would refuse everyone (no tokens and no JWT key yet)."""
+    from keelgraph.auth import TokenFile, token_file_path
+
+    if any(env.get(f"KEELGRAPH_AUTH_{k}") for k in ("JWT_SECRET", "JWT_PUBLIC_KEY", "JWKS_URL")):
+        return None
+    path = token_file_path(env)
+    try:
+        if TokenFile(path).list():
+            return None
+    except UserError as exc:
+        return f"warning: {exc}"
+    return (
+        f"no users yet ({path} has no tokens): every request gets 401 until you create one with "
+        "`keelgraph token create USER` and send it as 'Authorization: Bearer <token>'"
+    )
+
+
 def run(port: int | None = None, config: Path | None = None) -> int:
     """Serve in the foreground until Ctrl-C or SIGTERM (`keelgraph serve`); returns the exit code.
 
@@ -184,6 +246,8 @@ def run(port: int | None = None, config: Path | None = None) -> int:
             flush=True,
         )
         print(f"log: {server.log}", flush=True)
+        if (hint := _no_users_hint(server.env)) is not None:
+            print(hint, flush=True)
         while server.process is not None:
             code = server.process.poll()
             if code is not None:

@@ -56,6 +56,9 @@ class Settings:
     """KEELGRAPH_OUTPUT_STRATEGY: json_object | json_schema | prompted | tool_calling; unset: inferred."""
     data_dir: Path
     """KEELGRAPH_DATA_DIR: threads and app databases (default ~/.local/share/keelgraph)."""
+    database_url: str | None
+    """KEELGRAPH_DATABASE_URL: where threads and the store live, e.g. `postgresql://user@host/db`.
+    Unset: SQLite files under `data_dir` (see `keelgraph.graphs.persistence`)."""
     cache_dir: Path
     """KEELGRAPH_CACHE_DIR: the model file, built wheels, server logs (default ~/.cache/keelgraph)."""
     llama_port: int
@@ -64,6 +67,20 @@ class Settings:
     """KEELGRAPH_LLAMA_THREADS: CPU threads of the embedded model server (default: all cores)."""
     llama_ctx: int
     """KEELGRAPH_LLAMA_CTX: context window of the embedded model in tokens (default 4096)."""
+    fallback_models: tuple[str, ...] = ()
+    """KEELGRAPH_FALLBACK_MODELS: comma-separated model names tried in order, on
+    KEELGRAPH_FALLBACK_BASE_URL, when the configured model keeps failing with transient errors
+    (timeouts, connection errors, 429, 5xx). Applies to the default model only: a graph given its
+    own `model=` keeps to it."""
+    fallback_base_url: str | None = None
+    """KEELGRAPH_FALLBACK_BASE_URL: the endpoint of the fallback models (default: the same endpoint;
+    set alone, the same model name on this other endpoint). It uses the same API key."""
+    model_attempts: int = 3
+    """KEELGRAPH_MODEL_ATTEMPTS: requests per model and model call on transient errors, with
+    exponential backoff and jitter (0.5 s, 1 s, ...) before the next model is tried (default 3)."""
+    max_retry_wait_s: float = 30.0
+    """KEELGRAPH_MAX_RETRY_WAIT: the longest wait between two attempts, in seconds (default 30);
+    a `Retry-After` longer than this moves on to the next model instead of waiting."""
 
     @property
     def embedded(self) -> bool:
@@ -91,8 +108,15 @@ class Settings:
             max_tokens=_int(env, "KEELGRAPH_MAX_TOKENS", 1024),
             output_strategy=cast(Strategy | None, strategy),
             data_dir=Path(env.get("KEELGRAPH_DATA_DIR") or data_home / "keelgraph"),
+            database_url=env.get("KEELGRAPH_DATABASE_URL") or None,
             cache_dir=Path(env.get("KEELGRAPH_CACHE_DIR") or cache_home / "keelgraph"),
             llama_port=_int(env, "KEELGRAPH_LLAMA_PORT", 18089),
             llama_threads=_int(env, "KEELGRAPH_LLAMA_THREADS", os.cpu_count() or 2),
             llama_ctx=_int(env, "KEELGRAPH_LLAMA_CTX", 4096),
+            fallback_models=tuple(
+                name.strip() for name in env.get("KEELGRAPH_FALLBACK_MODELS", "").split(",") if name.strip()
+            ),
+            fallback_base_url=env.get("KEELGRAPH_FALLBACK_BASE_URL") or None,
+            model_attempts=_int(env, "KEELGRAPH_MODEL_ATTEMPTS", 3),
+            max_retry_wait_s=_float(env, "KEELGRAPH_MAX_RETRY_WAIT", 30.0),
         )

@@ -1,5 +1,6 @@
 """Served test graphs: one whose model always breaks the contract (RepairExhausted over HTTP, as
-data), and one whose write tool needs a person's approval (interrupt and resume over HTTP)."""
+data), one whose write tool needs a person's approval (interrupt and resume over HTTP), and the
+main graph with its scripted model (deterministic and instant: auth, restarts, load)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, build_graph, with_policy
+from keelgraph.graphs.support import make_graph, scripted_desk
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 
@@ -64,3 +66,7 @@ approval = build_graph(
     checkpointer=None,
     name="approval",
 )
+
+
+support_scripted = make_graph(model=scripted_desk(), checkpointer=None)
+"""The main graph (order support) with the scripted desk model instead of the embedded model."""

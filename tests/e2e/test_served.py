@@ -12,7 +12,8 @@ import pytest
 from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
 
-from keelgraph.serve import DevServer
+from keelgraph.auth import TokenFile
+from keelgraph.serve import DevServer, write_config
 
 ROOT = Path(__file__).parents[2]
 GRAPH = "support"
@@ -20,7 +21,7 @@ OUTPUT_KEYS = {"reply", "order_ids", "action", "ticket_id"}
 
 
 @pytest.fixture(scope="module")
-def served(model_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(model_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """One `langgraph dev` for the module, its model calls going to the embedded model server."""
     tmp = tmp_path_factory.mktemp("served")
     env = {
@@ -30,21 +31,20 @@ def served(model_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "KEELGRAPH_OUTPUT_STRATEGY": "json_object",
         "KEELGRAPH_DATA_DIR": str(tmp / "data"),
     }
-    # The repository's graphs plus a test graph that always fails, from a config in a temp folder
-    # (langgraph dev keeps its thread pickles beside the config).
-    config = json.loads((ROOT / "langgraph.json").read_text())
-    config["dependencies"] = [str(ROOT)]
-    config["graphs"] = {name: str(ROOT / spec.removeprefix("./")) for name, spec in config["graphs"].items()}
-    for name in ("failing", "approval"):
-        config["graphs"][name] = f"{ROOT / 'tests/e2e/graphs_for_serving.py'}:{name}"
-    (tmp / "langgraph.json").write_text(json.dumps(config))
-    with DevServer(tmp / "langgraph.json", env=env, log=tmp / "langgraph-dev.log") as server:
-        yield server.url
+    # The repository's graphs plus test graphs, from a config in a temp folder (langgraph dev keeps
+    # its thread pickles beside the config); the repository's auth, checkpointer and store.
+    env["KEELGRAPH_AUTH_TOKENS"] = str(tmp / "tokens.json")
+    token = TokenFile(tmp / "tokens.json").create("tester")
+    extra = {name: f"tests/e2e/graphs_for_serving.py:{name}" for name in ("failing", "approval")}
+    config = write_config(tmp, ROOT / "langgraph.json", extra_graphs=extra)
+    with DevServer(config, env=env, log=tmp / "langgraph-dev.log") as server:
+        yield server.url, token
 
 
 @pytest.fixture
-async def client(served: str) -> AsyncIterator[LangGraphClient]:
-    async with get_client(url=served, api_key=None) as client:
+async def client(served: tuple[str, str]) -> AsyncIterator[LangGraphClient]:
+    url, token = served
+    async with get_client(url=url, api_key=None, headers={"Authorization": f"Bearer {token}"}) as client:
         yield client
 
 

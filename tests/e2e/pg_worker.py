@@ -1,0 +1,58 @@
+"""A long-lived process running keelgraph's main graph on PostgreSQL, driven line by line on stdin.
+
+Each input line is JSON: {"op": "ask", "thread": T, "request": {...}}, {"op": "resume", "thread": T,
+"decision": {...}} or {"op": "state", "thread": T}. Each answer is one JSON line on stdout. Used by
+tests/e2e/test_postgres_two_process.py to run one thread across two separate processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from langgraph.types import Command
+
+from keelgraph.graphs.persistence import checkpointer
+from keelgraph.graphs.support import make_graph, scripted_desk
+
+
+def _answer(result: dict[str, Any]) -> dict[str, Any]:
+    pending = result.get("__interrupt__") or []
+    return {
+        "pid": os.getpid(),
+        "status": result.get("status"),
+        "output": result.get("output"),
+        "waiting_for": [c["name"] for p in pending for c in p.value["calls"]],
+    }
+
+
+def main() -> None:
+    url = sys.argv[1]
+    with checkpointer(url) as saver:
+        graph = make_graph(model=scripted_desk(), checkpointer=saver)
+        print(json.dumps({"ready": os.getpid()}), flush=True)
+        for line in sys.stdin:
+            order = json.loads(line)
+            config = {"configurable": {"thread_id": order["thread"]}}
+            if order["op"] == "ask":
+                reply = _answer(graph.invoke({"request": order["request"]}, config))
+            elif order["op"] == "resume":
+                reply = _answer(graph.invoke(Command(resume=order["decision"]), config))
+            else:
+                snapshot = graph.get_state(config)
+                reply = {
+                    "pid": os.getpid(),
+                    "next": list(snapshot.next),
+                    "status": snapshot.values.get("status"),
+                    "output": snapshot.values.get("output"),
+                    "requests": [
+                        str(m.content) for m in snapshot.values.get("messages", []) if m.type == "human"
+                    ],
+                }
+            print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
