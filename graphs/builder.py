@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import openai
@@ -13,7 +13,7 @@ from langchain_core.tools import BaseTool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
-from langgraph.types import Checkpointer, RetryPolicy
+from langgraph.types import Checkpointer
 
 from keelgraph.contracts.contract import Contract
 from keelgraph.contracts.decision import ANSWER
@@ -36,6 +36,9 @@ from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.tools.execution import policy_of
 from keelgraph.tools.ledger import EffectLedger, SqliteLedger
 
+if TYPE_CHECKING:
+    from keelgraph.models import ModelChain
+
 __all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy", "strategy_chain"]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -45,11 +48,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     httpx.TransportError,
     TimeoutError,
 )
-"""Transport failures retried with backoff by the `reason` node; contract failures never are."""
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS)
+"""The broad classes of transport failure. The `reason` node decides case by case with
+`keelgraph.models.is_transient` (a 429 and a 503 are retried, a 400 and a 401 are not) and retries
+inside the node, so it has no LangGraph retry policy to multiply its attempts."""
 
 
 def strategy_chain(model: ModelSource) -> tuple[Strategy, ...]:
@@ -91,7 +92,7 @@ def graph_builder(
     contract: Contract[Any, Any],
     tools: Sequence[BaseTool] = (),
     *,
-    model: ModelSource | None = None,
+    model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
     strategy: Strategy | Sequence[Strategy] | None = None,
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
@@ -104,6 +105,9 @@ def graph_builder(
 
     `model` is a chat model or a zero-argument factory; by default the configured endpoint or the
     embedded local model, resolved at the first model call (so building a graph starts nothing).
+    A sequence is a failover chain, primary first: transient errors (timeouts, connection errors,
+    429, 5xx) are retried with backoff, then the next model answers, bound with the same tools and
+    output format; a `keelgraph.models.ModelChain` sets the retries and `handover_after`.
     `strategy` is one output strategy or a chain tried in order (see `strategy_chain`).
     `effects` records completed `write`/`external` tool calls so none is performed twice (see
     `keelgraph.tools.ledger`); by default in `$KEELGRAPH_DATA_DIR/effects.db`, opened at the first
@@ -112,7 +116,7 @@ def graph_builder(
     past a cap are refused and the model must answer). `refuse_tainted_writes` enforces the tool
     policies' `from_user` arguments: values the user must have written, not a tool result.
     """
-    from keelgraph.models import default_model
+    from keelgraph.models import as_chain
 
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
@@ -135,15 +139,15 @@ def graph_builder(
     for label, cap in (("max_tool_calls", max_tool_calls), ("max_thread_tool_calls", max_thread_tool_calls)):
         if cap is not None and cap < 1:
             raise UserError(f"{label} must be None (no limit) or >= 1, got {cap}")
-    source: ModelSource = model if model is not None else default_model
+    models = as_chain(model)
     if isinstance(strategy, str):
         chain: tuple[Strategy, ...] = (strategy,)
     else:
-        chain = tuple(strategy) if strategy else strategy_chain(source)
+        chain = tuple(strategy) if strategy else strategy_chain(models.models[0])
     spec = AgentSpec(
         contract=contract,
         tools={t.name: t for t in tools},
-        model=source,
+        model=models,
         strategy=chain[0],
         fallbacks=chain[1:],
         max_tool_rounds=max_tool_rounds,
@@ -155,11 +159,8 @@ def graph_builder(
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     builder.add_node("validate_input", partial(validate_input, spec=spec))
-    builder.add_node(
-        "reason",
-        partial(reason, spec=spec),
-        retry_policy=RetryPolicy(max_attempts=3, initial_interval=0.5, retry_on=_is_transient),
-    )
+    # No retry_policy: the node retries and fails over itself (see `_ask`), once per request.
+    builder.add_node("reason", partial(reason, spec=spec))
     builder.add_node("approve", partial(approve, spec=spec))
     builder.add_node("act", partial(act, spec=spec))
     builder.add_node("check_output", partial(check_output, spec=spec))
@@ -184,7 +185,7 @@ def build_graph(
     contract: Contract[Any, Any],
     tools: Sequence[BaseTool] = (),
     *,
-    model: ModelSource | None = None,
+    model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
     checkpointer: Checkpointer | Literal["default"] = "default",
     store: BaseStore | None = None,
     strategy: Strategy | Sequence[Strategy] | None = None,

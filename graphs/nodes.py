@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
@@ -39,7 +39,7 @@ from keelgraph.graphs._prompt import (
     tagged,
     tool_args_schema,
 )
-from keelgraph.graphs.state import Context, State, Stats
+from keelgraph.graphs.state import Context, ModelAttempt, State, Stats
 from keelgraph.tools.execution import (
     CallOutcome,
     GuardContext,
@@ -51,6 +51,9 @@ from keelgraph.tools.execution import (
     validate_args,
 )
 from keelgraph.tools.ledger import EffectLedger, default_key
+
+if TYPE_CHECKING:
+    from keelgraph.models import ModelChain
 
 __all__ = [
     "AgentSpec",
@@ -76,7 +79,8 @@ class AgentSpec:
 
     contract: Contract[Any, Any]
     tools: Mapping[str, BaseTool]
-    model: ModelSource
+    model: ModelSource | ModelChain
+    """A chat model, a factory, or a `keelgraph.models.ModelChain` (retries and fallbacks)."""
     strategy: Strategy
     max_tool_rounds: int = 4
     """Tool rounds per turn; after that the model must answer."""
@@ -93,7 +97,7 @@ class AgentSpec:
     effects: EffectLedger | Callable[[], EffectLedger] | None = None
     """Where completed `write`/`external` tool calls are recorded (None: no record, calls may
     repeat on resume). A callable is resolved at the first such call."""
-    _resolved: list[BaseChatModel] = field(default_factory=list, compare=False, repr=False)
+    _chain: list[ModelChain] = field(default_factory=list, compare=False, repr=False)
     _ledgers: list[EffectLedger] = field(default_factory=list, compare=False, repr=False)
 
     def ledger(self) -> EffectLedger | None:
@@ -127,12 +131,20 @@ class AgentSpec:
         )
         return chain[index + 1]
 
-    def chat_model(self) -> BaseChatModel:
-        if isinstance(self.model, BaseChatModel):
+    @property
+    def chain(self) -> ModelChain:
+        """The models to ask, in order, with their retry policy (one model: a chain of one)."""
+        from keelgraph.models import ModelChain
+
+        if isinstance(self.model, ModelChain):
             return self.model
-        if not self._resolved:
-            self._resolved.append(self.model())
-        return self._resolved[0]
+        if not self._chain:
+            self._chain.append(ModelChain((self.model,)))
+        return self._chain[0]
+
+    def chat_model(self) -> BaseChatModel:
+        """The primary model."""
+        return self.chain.model(0)
 
     @property
     def max_model_calls(self) -> int:
@@ -171,6 +183,9 @@ def _zero_stats() -> Stats:
         input_tokens=0,
         output_tokens=0,
         seconds=0.0,
+        model="",
+        transport_errors=0,
+        model_attempts=[],
     )
 
 
@@ -322,24 +337,89 @@ def _fail(state: State, attempts: list[dict[str, Any]], stats: Stats, message: s
     }
 
 
-def _ask(state: State, spec: AgentSpec, answer: dict[str, Any], allowed: list[BaseTool]) -> BaseMessage:
-    """One model call in the active strategy, moving down the strategy chain if the endpoint refuses."""
+def _first_position(state: State, spec: AgentSpec) -> int:
+    """Where in the model chain this call starts: past the models that handed over after failed
+    repairs, and at the model that answered last in this turn (a model that just failed over is
+    not asked again until the next turn)."""
+    repairs = len(state.get("attempts", []))
+    answered = [
+        a["position"] for a in state.get("stats", {}).get("model_attempts", []) if a["outcome"] == "ok"
+    ]
+    return max(spec.chain.first_position(repairs), answered[-1] if answered else 0)
+
+
+def _record(model: str, position: int, began: float, exc: BaseException | None = None) -> ModelAttempt:
+    from keelgraph.models import http_status
+
+    return ModelAttempt(
+        model=model,
+        position=position,
+        outcome="ok" if exc is None else type(exc).__name__,
+        status=None if exc is None else http_status(exc),
+        seconds=round(time.monotonic() - began, 3),
+        wait_s=0.0,
+    )
+
+
+def _ask(
+    state: State, spec: AgentSpec, answer: dict[str, Any], allowed: list[BaseTool]
+) -> tuple[BaseMessage, list[ModelAttempt]]:
+    """One model call, with every request it took.
+
+    The models of the chain are asked in turn, each bound with the tools and output format of the
+    active strategy: a transient error is retried on the same model with backoff (see
+    `keelgraph.models.ModelChain`), then the next model takes over; when none answers,
+    `ModelUnavailable` ends the node. An endpoint that refuses the strategy moves the graph down the
+    strategy chain; any other error is raised as it is.
+    """
+    from keelgraph.models import ModelUnavailable, is_malformed, is_transient, model_label
+
+    chain = spec.chain
     schemas = _offered_schemas(state, allowed)
-    while True:
-        strategy = spec.active_strategy
-        system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas)
-        prompt = render(state.get("messages", []), system, strategy)
-        try:
-            bound = _bind(spec.chat_model(), strategy, answer, allowed, schemas)
-            if state.get("attempts"):
-                # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
-                bound = bound.bind(temperature=REPAIR_TEMPERATURE)
-            return bound.invoke(prompt)
-        except Exception as exc:
-            # An endpoint that refuses this way of asking (no json_schema, no tools) gets the next
-            # one, once per graph; any other error goes on to the retry policy.
-            if spec.fall_back(exc) is None:
-                raise
+    tried: list[ModelAttempt] = []
+    last: BaseException | None = None
+    for position in range(_first_position(state, spec), len(chain.models)):
+        model = chain.model(position)
+        name = model_label(model)
+        failed = malformed = 0
+        while True:
+            strategy = spec.active_strategy
+            system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas)
+            prompt = render(state.get("messages", []), system, strategy)
+            began = time.monotonic()
+            try:
+                bound = _bind(model, strategy, answer, allowed, schemas)
+                if state.get("attempts"):
+                    # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
+                    bound = bound.bind(temperature=REPAIR_TEMPERATURE)
+                reply = bound.invoke(prompt)
+            except Exception as exc:
+                # An endpoint that refuses this way of asking (no json_schema, no tools) gets the next
+                # one, once per graph.
+                if spec.fall_back(exc) is not None:
+                    continue
+                tried.append(_record(name, position, began, exc))
+                if not is_transient(exc):
+                    raise
+                last, failed = exc, failed + 1
+                malformed += is_malformed(exc)
+                # A malformed body is a provider fault worth one more try; a second one moves on.
+                wait = None if malformed > 1 else chain.wait(exc, failed)
+                if wait is None:
+                    if position + 1 < len(chain.models):
+                        _log.warning(
+                            "keelgraph: model %s failed (%s, %d request(s)); failing over to %s",
+                            name, type(exc).__name__, failed, model_label(chain.model(position + 1)),
+                        )  # fmt: skip
+                    break
+                tried[-1]["wait_s"] = round(wait, 3)
+                _log.info("keelgraph: model %s: %s; retrying in %.2f s", name, type(exc).__name__, wait)
+                time.sleep(wait)
+                continue
+            tried.append(_record(name, position, began))
+            return reply, tried
+    assert last is not None  # every position made at least one request
+    raise ModelUnavailable([dict(a) for a in tried], last) from last
 
 
 def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec) -> dict[str, Any]:
@@ -354,10 +434,13 @@ def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: Agent
         )
     allowed = _allowed_tools(state, spec)
     answer = spec.contract.output_schema_for(_context(state, runtime, spec.contract))
-    reply = _ask(state, spec, answer, allowed)
+    reply, tried = _ask(state, spec, answer, allowed)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
     stats["model_calls"] += 1
+    stats["model"] = tried[-1]["model"]
+    stats["transport_errors"] += len(tried) - 1
+    stats["model_attempts"] = [*stats["model_attempts"], *tried]
     stats["input_tokens"] += usage["input_tokens"]
     stats["output_tokens"] += usage["output_tokens"]
     update: dict[str, Any] = {

@@ -13,7 +13,7 @@ from langgraph.graph.message import add_messages
 
 from keelgraph.contracts.parsing import oversized_ints
 
-__all__ = ["Context", "InputState", "OutputState", "State", "Stats", "Status", "add_usage"]
+__all__ = ["Context", "InputState", "ModelAttempt", "OutputState", "State", "Stats", "Status", "add_usage"]
 
 Status = Literal["ok", "rejected", "failed"]
 
@@ -24,6 +24,23 @@ def add_usage(left: dict[str, int] | None, right: dict[str, int] | None) -> dict
     for key, value in (right or {}).items():
         total[key] = total.get(key, 0) + value
     return total
+
+
+class ModelAttempt(TypedDict):
+    """One request to a model: its answer, or the transport error that was retried or failed over."""
+
+    model: str
+    """The model's name (`keelgraph.models.model_label`)."""
+    position: int
+    """Its place in the model chain: 0 is the primary."""
+    outcome: str
+    """`ok`, or the error's type name (`OpenAIRateLimitError`, `OpenAITimeoutError`, `JSONDecodeError`...)."""
+    status: int | None
+    """The HTTP status of an error reply; None for an answer or a transport failure."""
+    seconds: float
+    """How long the request took."""
+    wait_s: float
+    """How long keelgraph waited after it before asking the same model again (0: it did not)."""
 
 
 class Stats(TypedDict):
@@ -38,6 +55,12 @@ class Stats(TypedDict):
     input_tokens: int
     output_tokens: int
     seconds: float
+    model: str
+    """The model that gave the turn's latest reply (see `model_attempts` for every request)."""
+    transport_errors: int
+    """Requests to a model that failed in transport (timeout, connection, 429, 5xx, bad body)."""
+    model_attempts: list[ModelAttempt]
+    """Every request to a model this turn, answered or not, in order."""
 
 
 def _storable_request(value: Any) -> Any:
