@@ -40,8 +40,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -137,7 +137,7 @@ def check_result(variant: Variant, result: dict[str, Any]) -> None:
         raise RuntimeError("plain turn did not end with an answer")
 
 
-def build(variant: Variant, saver: Any, strategy: str) -> tuple[Any, ScriptedChatModel]:
+def build(variant: Variant, saver: Any, strategy: str, store: Any = None) -> tuple[Any, ScriptedChatModel]:
     model = scripted(variant, strategy)
     if variant == "plain":
         from langchain.agents import create_agent
@@ -145,7 +145,10 @@ def build(variant: Variant, saver: Any, strategy: str) -> tuple[Any, ScriptedCha
         return create_agent(model, [make_tool()], checkpointer=saver), model
     from keelgraph import build_graph
 
-    graph = build_graph(CONTRACT, [make_tool()], model=model, checkpointer=saver, strategy=strategy)  # type: ignore[arg-type]
+    # keelgraph's default pairs the checkpointer with a store (the threads' archives) on the same backend.
+    graph = build_graph(
+        CONTRACT, [make_tool()], model=model, checkpointer=saver, store=store, strategy=strategy
+    )  # type: ignore[arg-type]
     return graph, model
 
 
@@ -201,6 +204,29 @@ def async_saver(variant: Variant, backend: Backend, target: str) -> Any:
     from keelgraph.graphs.persistence import async_checkpointer
 
     return async_checkpointer(target)
+
+
+@contextmanager
+def sync_store(variant: Variant, target: str) -> Iterator[Any]:
+    """keelgraph's store on the same database (plain LangGraph has none)."""
+    if variant == "plain":
+        yield None
+        return
+    from keelgraph.graphs.persistence import store
+
+    with store(target) as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def async_store_for(variant: Variant, target: str) -> AsyncIterator[Any]:
+    if variant == "plain":
+        yield None
+        return
+    from keelgraph.graphs.persistence import async_store
+
+    async with async_store(target) as opened:
+        yield opened
 
 
 # --- measuring what a thread has stored ---------------------------------------------------------
@@ -260,13 +286,33 @@ class Meter:
             ).fetchone()
             size = self.pg.execute("SELECT pg_database_size(current_database())").fetchone()[0]
         assert ck is not None and wr is not None and blobs is not None
+        archived = self._archive_bytes(thread_id)
         return {
-            "bytes": int(ck[1]) + int(wr[1]) + int(blobs[1]),
+            "bytes": int(ck[1]) + int(wr[1]) + int(blobs[1]) + archived,
+            "archive_bytes": archived,
             "checkpoints": int(ck[0]),
             "writes": int(wr[0]),
             "blobs": int(blobs[0]),
             "db_bytes": int(size),
         }
+
+    def _archive_bytes(self, thread_id: str) -> int:
+        """Bytes of keelgraph's archive of the thread (the store's `keelgraph.archive.<thread>`)."""
+        prefix = f"keelgraph.archive.{thread_id}"
+        try:
+            if self.backend == "sqlite":
+                row = self.sqlite.execute(
+                    "SELECT COALESCE(SUM(LENGTH(value)), 0) FROM store WHERE prefix = ?", (prefix,)
+                ).fetchone()
+            else:
+                row = self.pg.execute(
+                    "SELECT COALESCE(SUM(pg_column_size(value)), 0) FROM store WHERE prefix = %s", (prefix,)
+                ).fetchone()
+        except Exception:  # no store table: plain LangGraph, or nothing archived yet
+            if self.backend != "sqlite":
+                self.pg.rollback()
+            return 0
+        return int(row[0]) if row else 0
 
     def close(self) -> None:
         (self.sqlite if self.backend == "sqlite" else self.pg).close()
@@ -298,8 +344,8 @@ def growth(variant: Variant, backend: Backend, target: str, turns: int, strategy
     rows: list[dict[str, Any]] = []
     channels: dict[str, dict[str, int]] = {}
     meter = Meter(backend, target)
-    with sync_saver(variant, backend, target) as saver:
-        graph, model = build(variant, saver, strategy)
+    with sync_saver(variant, backend, target) as saver, sync_store(variant, target) as store:
+        graph, model = build(variant, saver, strategy, store)
         before = meter.thread(thread_id)
         for turn in range(1, turns + 1):
             t0 = time.perf_counter()
@@ -327,12 +373,19 @@ def growth(variant: Variant, backend: Backend, target: str, turns: int, strategy
                     f"{variant} growth: turn {turn}/{turns}, {ms:.0f} ms, "
                     f"{rows[-1]['bytes'] / 1024:.1f} KB this turn, {after['bytes'] / 1e6:.2f} MB in all"
                 )
-        messages = len(graph.get_state(config).values["messages"])
+        kept = graph.get_state(config).values["messages"]
+        messages = len(kept)
+        whole = messages
+        if store is not None:  # keelgraph: the archive plus the state is the whole conversation
+            from keelgraph.graphs.history import transcript
+
+            whole = len(transcript(store, thread_id, kept))
     meter.close()
     return {
         "rows": rows,
         "channels": channels,
         "messages": messages,
+        "transcript_messages": whole,
         "rss_start_mb": started_rss,
         "peak_rss_mb": rss_mb(),
     }
@@ -343,8 +396,8 @@ async def concurrency(
 ) -> dict[str, Any]:
     started_rss = rss_mb()
     latencies: list[float] = []
-    async with async_saver(variant, backend, target) as saver:
-        graph, model = build(variant, saver, strategy)
+    async with async_saver(variant, backend, target) as saver, async_store_for(variant, target) as store:
+        graph, model = build(variant, saver, strategy, store)
         warm: Any = {"configurable": {"thread_id": "warm-up"}}
         check_result(variant, await graph.ainvoke(turn_input(variant, 0), warm))
 

@@ -24,7 +24,7 @@ Strategy = Literal["json_object", "json_schema", "prompted", "tool_calling"]
 Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]
 KIND_KEY = "keelgraph"
 
-__all__ = ["KIND_KEY", "Kind", "Strategy", "kind_of", "render", "tagged", "tool_args_schema"]
+__all__ = ["KIND_KEY", "Kind", "Strategy", "current_turn", "kind_of", "render", "tagged", "tool_args_schema"]
 
 
 def kind_of(message: BaseMessage) -> str | None:
@@ -123,6 +123,11 @@ def _turn_start(messages: Sequence[AnyMessage]) -> int:
         if kind_of(messages[i]) == "request":
             return i
     return 0
+
+
+def current_turn(messages: Sequence[AnyMessage]) -> list[AnyMessage]:
+    """The messages of the turn in progress: from its request on."""
+    return list(messages[_turn_start(messages) :])
 
 
 def render(messages: Sequence[AnyMessage], system: str, strategy: Strategy) -> list[BaseMessage]:

@@ -100,6 +100,7 @@ def graph_builder(
     max_tool_calls: int | None = 16,
     max_thread_tool_calls: int | None = None,
     refuse_tainted_writes: bool = True,
+    history_tokens: int | None = 1000,
 ) -> StateGraph[State, Context, InputState, OutputState]:
     """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
 
@@ -115,6 +116,10 @@ def graph_builder(
     `max_tool_calls` / `max_thread_tool_calls` cap the tool calls run per turn / per thread (calls
     past a cap are refused and the model must answer). `refuse_tainted_writes` enforces the tool
     policies' `from_user` arguments: values the user must have written, not a tool result.
+    `history_tokens` bounds what earlier turns keep in the state (their requests and answers, newest
+    first, by estimated tokens); the rest moves to the thread's archive in the graph's store, so a
+    checkpoint stays the same size however long the thread (see `keelgraph.graphs.history`).
+    Without a store, or with None, the state keeps everything.
     """
     from keelgraph.models import as_chain
 
@@ -134,6 +139,8 @@ def graph_builder(
                     f"preloaded tool {tool.name!r} must take every required argument ({sorted(required)}) "
                     f"from the request's fields ({sorted(contract.input.model_fields)}) via from_input"
                 )
+    if history_tokens is not None and history_tokens < 0:
+        raise UserError("history_tokens must be None (keep everything) or >= 0")
     if max_tool_rounds < 0:
         raise UserError("max_tool_rounds must be >= 0")
     for label, cap in (("max_tool_calls", max_tool_calls), ("max_thread_tool_calls", max_thread_tool_calls)):
@@ -156,6 +163,7 @@ def graph_builder(
         max_tool_calls=max_tool_calls,
         max_thread_tool_calls=max_thread_tool_calls,
         refuse_tainted_writes=refuse_tainted_writes,
+        history_tokens=history_tokens,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     builder.add_node("validate_input", partial(validate_input, spec=spec))
@@ -187,7 +195,7 @@ def build_graph(
     *,
     model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
     checkpointer: Checkpointer | Literal["default"] = "default",
-    store: BaseStore | None = None,
+    store: BaseStore | Literal["default"] | None = "default",
     strategy: Strategy | Sequence[Strategy] | None = None,
     max_tool_rounds: int = 4,
     allow_repeat_tools: bool = False,
@@ -195,12 +203,15 @@ def build_graph(
     max_tool_calls: int | None = 16,
     max_thread_tool_calls: int | None = None,
     refuse_tainted_writes: bool = True,
+    history_tokens: int | None = 1000,
     name: str | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """Compile the keelgraph flow for `contract` and `tools`.
 
-    By default threads persist in the SQLite file `$KEELGRAPH_DATA_DIR/threads.db`; pass
-    `checkpointer=None` for a graph served by LangGraph server (it brings its own).
+    By default threads persist in the SQLite file `$KEELGRAPH_DATA_DIR/threads.db` (PostgreSQL when
+    `KEELGRAPH_DATABASE_URL` is set), with a store beside it (`store.db`) for the threads' archives
+    and long-term memory; pass `checkpointer=None` for a graph served by LangGraph server (it brings
+    its own). `store="default"` means that store with the default checkpointer, and none otherwise.
 
     >>> from pydantic import BaseModel
     >>> class Q(BaseModel):
@@ -225,10 +236,16 @@ def build_graph(
         max_tool_calls=max_tool_calls,
         max_thread_tool_calls=max_thread_tool_calls,
         refuse_tainted_writes=refuse_tainted_writes,
+        history_tokens=history_tokens,
     )
-    if checkpointer == "default":
-        from keelgraph.graphs.persistence import sqlite_checkpointer
-        from keelgraph.settings import Settings
+    if store == "default":
+        store = None
+        if checkpointer == "default":
+            from keelgraph.graphs.persistence import default_store
 
-        checkpointer = sqlite_checkpointer(Settings.from_env().data_dir / "threads.db")
+            store = default_store()
+    if checkpointer == "default":
+        from keelgraph.graphs.persistence import default_checkpointer
+
+        checkpointer = default_checkpointer()
     return builder.compile(checkpointer=checkpointer, store=store, name=name or contract.name or "keelgraph")

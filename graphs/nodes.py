@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import AIMessage, AnyMessage, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    RemoveMessage,
+    ToolMessage,
+)
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langgraph.config import get_config
@@ -33,12 +40,14 @@ from keelgraph.contracts.errors import Attempt, InputRejected, Problem, RepairEx
 from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
 from keelgraph.graphs._prompt import (
     Strategy,
+    current_turn,
     kind_of,
     render,
     system_prompt,
     tagged,
     tool_args_schema,
 )
+from keelgraph.graphs.history import archive, compact, dangling_calls
 from keelgraph.graphs.state import Context, ModelAttempt, State, Stats
 from keelgraph.tools.execution import (
     CallOutcome,
@@ -90,6 +99,9 @@ class AgentSpec:
     """Tool calls run per thread, over all its turns (None: no limit)."""
     refuse_tainted_writes: bool = True
     """Enforce tool policies' `from_user`: those arguments must be values the user wrote."""
+    history_tokens: int | None = 1000
+    """Earlier turns kept in the thread's state (their requests and answers, newest first) up to
+    this many estimated tokens; the rest moves to the thread's archive in the store. None: keep all."""
     allow_repeat_tools: bool = False
     """Let the model call a tool again in a turn after it succeeded (off: small models loop)."""
     fallbacks: tuple[Strategy, ...] = ()
@@ -200,13 +212,46 @@ def _as_text(raw: Any) -> str:
 # -- validate_input ---------------------------------------------------------------------------
 
 
-def validate_input(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+def _compacted(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
+    """Move what the next turns do not need out of the state, archiving it first.
+
+    Only with a store to archive to (a served graph always has one; in process, `build_graph`
+    opens one next to its default checkpointer): without one the thread keeps everything.
+    """
+    store = runtime.store if runtime is not None else None
+    thread_id = get_config().get("configurable", {}).get("thread_id")
+    if store is None or spec.history_tokens is None or thread_id is None:
+        return {}
+    turns = state.get("turn", 0)
+    plan = compact(
+        state.get("messages", []),
+        spec.history_tokens,
+        turns_done=turns,
+        archived_turns=state.get("archived_turns", 0),
+    )
+    # Keyed by turn: a validate_input re-run after a crash rewrites the same item, never a copy.
+    archive(store, str(thread_id), plan.to_archive, key=f"{max(turns, plan.archived_turns):09d}")
+    return {
+        "archived_turns": plan.archived_turns,
+        "turn": max(turns, plan.archived_turns),
+        "messages": [RemoveMessage(id=i) for i in plan.ids],
+    }
+
+
+def validate_input(
+    state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec
+) -> dict[str, Any]:
     """Parse the request into the contract's input model; a bad one ends the turn, typed.
 
-    Either way the request is appended to the thread exactly as it was sent.
+    Either way the request is appended to the thread exactly as it was sent. Earlier turns are
+    compacted first (see `keelgraph.graphs.history`): the state stays the same size as a thread grows.
     """
     raw = state.get("request")
+    compacted = _compacted(state, runtime, spec)
+    removed: list[AnyMessage] = compacted.pop("messages", [])
     reset: dict[str, Any] = {
+        **compacted,
+        "turn": compacted.get("turn", state.get("turn", 0)) + 1,
         "input": None,
         "attempts": [],
         "tool_log": [],
@@ -227,11 +272,11 @@ def validate_input(state: State, *, spec: AgentSpec) -> dict[str, Any]:
             **reset,
             "status": "rejected",
             "error": exc.to_failure().model_dump(),
-            "messages": [message],
+            "messages": [*removed, message],
         }
     message = tagged(HumanMessage(spec.contract.render_input(value)), "request")
     request = value.model_dump(mode="json")
-    messages: list[AnyMessage] = [message]
+    messages: list[AnyMessage] = [*removed, message]
     preload = [
         {
             "name": name,
@@ -424,6 +469,16 @@ def _ask(
 
 def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec) -> dict[str, Any]:
     """Ask the model for its next step and read it as a tool call or a candidate answer."""
+    # The thread must be valid before a provider sees it: a call without a result (a crash, an
+    # edit of the state) gets one that says so, kept in the thread.
+    repairs = dangling_calls(current_turn(state.get("messages", [])))
+    if not repairs:
+        return _reason(state, runtime, spec)
+    out = _reason({**state, "messages": [*state.get("messages", []), *repairs]}, runtime, spec)
+    return {**out, "messages": [*repairs, *out.get("messages", [])]}
+
+
+def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
     stats: Stats = {**_zero_stats(), **state.get("stats", {})}
     if stats["model_calls"] >= spec.max_model_calls:
         return _fail(

@@ -6,6 +6,8 @@ A *target* is a file path (SQLite) or a `postgresql://` URL. None means the conf
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -32,6 +34,8 @@ __all__ = [
     "async_checkpointer",
     "async_store",
     "checkpointer",
+    "default_checkpointer",
+    "default_store",
     "default_target",
     "sqlite_checkpointer",
     "store",
@@ -204,6 +208,22 @@ def store(target: str | Path | None = None) -> Iterator[BaseStore]:
         with _setup_lock(pool):
             postgres.setup()
         yield postgres
+
+
+_OPENED = contextlib.ExitStack()
+atexit.register(_OPENED.close)
+
+
+def default_checkpointer() -> BaseCheckpointSaver[Any]:
+    """The checkpointer of `build_graph(checkpointer="default")`, open for the process's lifetime:
+    `KEELGRAPH_DATABASE_URL` (PostgreSQL, a connection pool) or `$KEELGRAPH_DATA_DIR/threads.db`."""
+    return _OPENED.enter_context(checkpointer())
+
+
+def default_store() -> BaseStore:
+    """The store that goes with `default_checkpointer()` (threads' archives, long-term memory),
+    open for the process's lifetime: PostgreSQL or `$KEELGRAPH_DATA_DIR/store.db`."""
+    return _OPENED.enter_context(store())
 
 
 def _resolve(target: str | Path | None, kind: Kind) -> tuple[Literal["sqlite", "postgres"], str]:

@@ -123,6 +123,10 @@ class State(InputState, OutputState, total=False):
     rejected_calls: list[dict[str, Any]]
     """Calls a person rejected in this thread (name, args, reason): the same call is refused
     without asking again, so the model cannot loop on it."""
+    turn: int
+    """Turns this thread has had (each request, valid or not, starts one)."""
+    archived_turns: int
+    """Turns already copied, whole, to the thread's archive (see `keelgraph.graphs.history`)."""
     thread_tool_calls: int
     """Tool calls run in this thread, over all its turns (for `max_thread_tool_calls`)."""
     usage: Annotated[dict[str, int], add_usage]

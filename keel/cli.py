@@ -67,11 +67,13 @@ def _approve(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
+    from keelgraph.graphs.history import transcript
     from keelgraph.graphs.support import make_graph
 
     graph = make_graph()
     state = graph.get_state({"configurable": {"thread_id": args.thread}})
-    messages = state.values.get("messages", [])
+    # The whole conversation: what earlier turns moved to the archive, then what the state holds.
+    messages = transcript(graph.store, args.thread, state.values.get("messages", []))
     if not messages:
         print(
             f"no thread {args.thread!r} in {Settings.from_env().data_dir / 'threads.db'}",
@@ -80,11 +82,8 @@ def _history(args: argparse.Namespace) -> int:
         return 1
     for message in messages:
         kind = message.additional_kwargs.get("keelgraph", "")
-        calls = (
-            f" {[(c['name'], c['args']) for c in message.tool_calls]}"
-            if getattr(message, "tool_calls", None)
-            else ""
-        )
+        tool_calls = getattr(message, "tool_calls", None) or []
+        calls = f" {[(c['name'], c['args']) for c in tool_calls]}" if tool_calls else ""
         print(f"[{message.type}:{kind}] {str(message.content)[:300]}{calls}")
     return 0
 

@@ -214,6 +214,7 @@ async def test_the_async_store_shares_the_sync_stores_data(target: str) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(120)  # a deadlock here must fail fast, not hold CI for the default 600 s
 async def test_replicas_that_start_together_set_up_one_fresh_database(postgres_db: str) -> None:
     async def open_both() -> None:
         async with async_checkpointer(postgres_db), async_store(postgres_db):
