@@ -3,6 +3,7 @@
 from keelgraph.contracts.contract import Check, CheckContext, Contract, OutputInvalid
 from keelgraph.contracts.errors import (
     Attempt,
+    BudgetExceeded,
     ContractError,
     Failure,
     InputRejected,
@@ -17,6 +18,7 @@ from keelgraph.contracts.parsing import Parsed, ParseError, parse_json
 
 __all__ = [
     "Attempt",
+    "BudgetExceeded",
     "Check",
     "CheckContext",
     "Contract",

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "Attempt",
+    "BudgetExceeded",
     "ContractError",
     "Failure",
     "InputRejected",
@@ -54,7 +55,7 @@ class Attempt(BaseModel):
 class Failure(BaseModel):
     """A run's typed failure as plain data: stored in the thread and returned over HTTP."""
 
-    type: Literal["InputRejected", "RepairExhausted"]
+    type: Literal["InputRejected", "RepairExhausted", "BudgetExceeded"]
     code: str
     message: str
     problems: list[Problem] = Field(default_factory=list)
@@ -64,6 +65,8 @@ class Failure(BaseModel):
     def to_exception(self) -> RunError:
         if self.type == "InputRejected":
             return InputRejected(self.problems)
+        if self.type == "BudgetExceeded":
+            return BudgetExceeded.from_failure(self)
         return RepairExhausted(self.attempts, usage=self.usage, message=self.message)
 
 
@@ -142,6 +145,65 @@ class RepairExhausted(RunError):
             attempts=self.attempts,
             usage=self.usage,
         )
+
+
+Budget = Literal["turn", "thread"]
+
+
+class BudgetExceeded(RunError):
+    """The next model call could take a token budget past its limit, so it was not made.
+
+    `budget` is "turn" (`max_turn_tokens`) or "thread" (`max_thread_tokens`); `limit`, `spent` and
+    `estimate` (the call's estimated cost) count input + output tokens; `usage` is what the turn
+    spent. Raise the budget, or start a new thread for a spent thread budget.
+
+    >>> BudgetExceeded("turn", limit=100, spent=80, estimate=40).code
+    'budget_exceeded'
+    """
+
+    code = "budget_exceeded"
+
+    def __init__(
+        self,
+        budget: Budget,
+        *,
+        limit: int,
+        spent: int,
+        estimate: int,
+        usage: dict[str, int] | None = None,
+    ) -> None:
+        self.budget: Budget = budget
+        self.limit, self.spent, self.estimate = limit, spent, estimate
+        self.usage = dict(usage or {})
+        super().__init__(
+            f"the {budget} token budget would be exceeded, so the model was not called: "
+            f"{spent} of max_{budget}_tokens={limit} spent, next call estimated at {estimate}; " + self.fix
+        )
+
+    @property
+    def fix(self) -> str:
+        if self.budget == "turn":
+            return "raise max_turn_tokens, or send a shorter request"
+        return "raise max_thread_tokens, or start a new thread"
+
+    def to_failure(self) -> Failure:
+        problem = Problem(
+            field=f"max_{self.budget}_tokens",
+            reason=f"{self.spent} spent + {self.estimate} estimated > {self.limit}",
+            fix=self.fix,
+        )
+        usage = {**self.usage, "limit": self.limit, "spent": self.spent, "estimate": self.estimate}
+        return Failure(
+            type="BudgetExceeded", code=self.code, message=str(self), problems=[problem], usage=usage
+        )
+
+    @classmethod
+    def from_failure(cls, failure: Failure) -> BudgetExceeded:
+        usage = dict(failure.usage)
+        numbers = {k: usage.pop(k, 0) for k in ("limit", "spent", "estimate")}
+        field = failure.problems[0].field if failure.problems else ""
+        budget: Budget = "thread" if field == "max_thread_tokens" else "turn"
+        return cls(budget, usage=usage, **numbers)
 
 
 def _field(loc: tuple[int | str, ...], prefix: str) -> str:

@@ -101,6 +101,8 @@ def graph_builder(
     max_thread_tool_calls: int | None = None,
     refuse_tainted_writes: bool = True,
     history_tokens: int | None = 1000,
+    max_turn_tokens: int | None = None,
+    max_thread_tokens: int | None = None,
 ) -> StateGraph[State, Context, InputState, OutputState]:
     """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
 
@@ -120,6 +122,10 @@ def graph_builder(
     first, by estimated tokens); the rest moves to the thread's archive in the graph's store, so a
     checkpoint stays the same size however long the thread (see `keelgraph.graphs.history`).
     Without a store, or with None, the state keeps everything.
+    `max_turn_tokens` / `max_thread_tokens` are spend limits in input + output tokens per turn / per
+    thread, counting every model call (repairs included). Before each call its cost is estimated
+    (prompt characters // 4 plus the model's `max_tokens`, 1024 without one); a call that could go
+    past a limit is not made, and the turn ends "failed" with a `BudgetExceeded` error.
     """
     from keelgraph.models import as_chain
 
@@ -143,7 +149,13 @@ def graph_builder(
         raise UserError("history_tokens must be None (keep everything) or >= 0")
     if max_tool_rounds < 0:
         raise UserError("max_tool_rounds must be >= 0")
-    for label, cap in (("max_tool_calls", max_tool_calls), ("max_thread_tool_calls", max_thread_tool_calls)):
+    caps = {
+        "max_tool_calls": max_tool_calls,
+        "max_thread_tool_calls": max_thread_tool_calls,
+        "max_turn_tokens": max_turn_tokens,
+        "max_thread_tokens": max_thread_tokens,
+    }
+    for label, cap in caps.items():
         if cap is not None and cap < 1:
             raise UserError(f"{label} must be None (no limit) or >= 1, got {cap}")
     models = as_chain(model)
@@ -164,6 +176,8 @@ def graph_builder(
         max_thread_tool_calls=max_thread_tool_calls,
         refuse_tainted_writes=refuse_tainted_writes,
         history_tokens=history_tokens,
+        max_turn_tokens=max_turn_tokens,
+        max_thread_tokens=max_thread_tokens,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     builder.add_node("validate_input", partial(validate_input, spec=spec))
@@ -204,6 +218,8 @@ def build_graph(
     max_thread_tool_calls: int | None = None,
     refuse_tainted_writes: bool = True,
     history_tokens: int | None = 1000,
+    max_turn_tokens: int | None = None,
+    max_thread_tokens: int | None = None,
     name: str | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """Compile the keelgraph flow for `contract` and `tools`.
@@ -237,6 +253,8 @@ def build_graph(
         max_thread_tool_calls=max_thread_tool_calls,
         refuse_tainted_writes=refuse_tainted_writes,
         history_tokens=history_tokens,
+        max_turn_tokens=max_turn_tokens,
+        max_thread_tokens=max_thread_tokens,
     )
     if store == "default":
         store = None

@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,7 +36,14 @@ from keelgraph.contracts.decision import (
     inline_refs,
     read_decision,
 )
-from keelgraph.contracts.errors import Attempt, InputRejected, Problem, RepairExhausted
+from keelgraph.contracts.errors import (
+    Attempt,
+    Budget,
+    BudgetExceeded,
+    InputRejected,
+    Problem,
+    RepairExhausted,
+)
 from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
 from keelgraph.graphs._prompt import (
     Strategy,
@@ -69,6 +76,7 @@ __all__ = [
     "act",
     "approve",
     "check_output",
+    "estimate_tokens",
     "reason",
     "route_after_act",
     "route_after_check",
@@ -97,6 +105,11 @@ class AgentSpec:
     """Tool calls run per turn (None: no limit); calls past it are refused and the model answers."""
     max_thread_tool_calls: int | None = None
     """Tool calls run per thread, over all its turns (None: no limit)."""
+    max_turn_tokens: int | None = None
+    """Input + output tokens per turn, every model call counted (None: no limit). A call whose
+    estimated cost would go past it is not made: the turn fails with `BudgetExceeded`."""
+    max_thread_tokens: int | None = None
+    """The same over the whole thread, all its turns (the `usage` channel)."""
     refuse_tainted_writes: bool = True
     """Enforce tool policies' `from_user`: those arguments must be values the user wrote."""
     history_tokens: int | None = 1000
@@ -406,6 +419,64 @@ def _record(model: str, position: int, began: float, exc: BaseException | None =
     )
 
 
+DEFAULT_OUTPUT_CAP = 1024
+"""Output tokens assumed for a model that declares no `max_tokens` (KEELGRAPH_MAX_TOKENS's default)."""
+MESSAGE_OVERHEAD = 4
+"""Tokens a chat template adds per message (role, separators): an estimate."""
+
+
+def estimate_tokens(prompt: Sequence[BaseMessage], extra: str = "") -> int:
+    """An estimate of a prompt's input tokens, not a count: characters // 4 (about right for
+    English and JSON with BPE tokenizers) plus `MESSAGE_OVERHEAD` per message. `extra` is text sent
+    beside the messages (tool and response schemas)."""
+    chars = len(extra)
+    for message in prompt:
+        chars += len(_as_text(message.content))
+        if isinstance(message, AIMessage) and message.tool_calls:
+            chars += len(json.dumps([c["args"] for c in message.tool_calls], default=str))
+    return chars // 4 + MESSAGE_OVERHEAD * len(prompt)
+
+
+def _prompt(
+    state: State,
+    spec: AgentSpec,
+    answer: dict[str, Any],
+    allowed: list[BaseTool],
+    schemas: dict[str, dict[str, Any]],
+) -> list[BaseMessage]:
+    """The messages the model is sent now, under the active strategy."""
+    strategy = spec.active_strategy
+    system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas)
+    return render(state.get("messages", []), system, strategy)
+
+
+def _over_budget(
+    state: State, spec: AgentSpec, stats: Stats, answer: dict[str, Any], allowed: list[BaseTool]
+) -> BudgetExceeded | None:
+    """Whether the next call could go past a token budget: tokens spent plus the call's estimate
+    (its prompt, see `estimate_tokens`, plus the output cap of the model `_ask` asks first)."""
+    if spec.max_turn_tokens is None and spec.max_thread_tokens is None:
+        return None
+    schemas = _offered_schemas(state, allowed)
+    # Schemas sent beside the messages (tools, response format) cost input tokens too.
+    extra = "" if spec.active_strategy == "prompted" else json.dumps([answer, schemas])
+    model = spec.chain.model(_first_position(state, spec))
+    cap = getattr(model, "max_tokens", None)
+    estimate = estimate_tokens(_prompt(state, spec, answer, allowed, schemas), extra) + (
+        cap if isinstance(cap, int) and cap > 0 else DEFAULT_OUTPUT_CAP
+    )
+    usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}
+    thread = state.get("usage", {})
+    budgets: list[tuple[Budget, int | None, int]] = [
+        ("turn", spec.max_turn_tokens, stats["input_tokens"] + stats["output_tokens"]),
+        ("thread", spec.max_thread_tokens, thread.get("input_tokens", 0) + thread.get("output_tokens", 0)),
+    ]
+    for budget, limit, spent in budgets:
+        if limit is not None and spent + estimate > limit:
+            return BudgetExceeded(budget, limit=limit, spent=spent, estimate=estimate, usage=usage)
+    return None
+
+
 def _ask(
     state: State, spec: AgentSpec, answer: dict[str, Any], allowed: list[BaseTool]
 ) -> tuple[BaseMessage, list[ModelAttempt]]:
@@ -429,8 +500,7 @@ def _ask(
         failed = malformed = 0
         while True:
             strategy = spec.active_strategy
-            system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas)
-            prompt = render(state.get("messages", []), system, strategy)
+            prompt = _prompt(state, spec, answer, allowed, schemas)
             began = time.monotonic()
             try:
                 bound = _bind(model, strategy, answer, allowed, schemas)
@@ -489,6 +559,11 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         )
     allowed = _allowed_tools(state, spec)
     answer = spec.contract.output_schema_for(_context(state, runtime, spec.contract))
+    if (over := _over_budget(state, spec, stats, answer, allowed)) is not None:
+        # Checked before the call, not after: the budget is never overspent by a whole reply.
+        stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
+        _log.warning("keelgraph: %s", over)
+        return {"status": "failed", "error": over.to_failure().model_dump(), "stats": stats, "pending": None}
     reply, tried = _ask(state, spec, answer, allowed)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}

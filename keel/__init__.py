@@ -8,6 +8,7 @@ from pydantic import BaseModel
 
 from keelgraph.contracts import (
     Attempt,
+    BudgetExceeded,
     CheckContext,
     Contract,
     ContractError,
@@ -26,6 +27,7 @@ from keelgraph.tools import GuardContext, ToolPolicy, with_policy
 
 __all__ = [
     "Attempt",
+    "BudgetExceeded",
     "CheckContext",
     "Context",
     "Contract",
