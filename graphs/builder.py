@@ -33,6 +33,7 @@ from keelgraph.graphs.nodes import (
     validate_input,
 )
 from keelgraph.graphs.state import Context, InputState, OutputState, State
+from keelgraph.observability import configure_from_env, traced
 from keelgraph.tools.execution import policy_of
 from keelgraph.tools.ledger import EffectLedger, SqliteLedger
 
@@ -180,12 +181,14 @@ def graph_builder(
         max_thread_tokens=max_thread_tokens,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
-    builder.add_node("validate_input", partial(validate_input, spec=spec))
+    configure_from_env()
+    # Each node logs one record (and an OpenTelemetry span) per run: see `keelgraph.observability`.
+    builder.add_node("validate_input", traced("validate_input", partial(validate_input, spec=spec)))
     # No retry_policy: the node retries and fails over itself (see `_ask`), once per request.
-    builder.add_node("reason", partial(reason, spec=spec))
-    builder.add_node("approve", partial(approve, spec=spec))
-    builder.add_node("act", partial(act, spec=spec))
-    builder.add_node("check_output", partial(check_output, spec=spec))
+    builder.add_node("reason", traced("reason", partial(reason, spec=spec)))
+    builder.add_node("approve", traced("approve", partial(approve, spec=spec)))
+    builder.add_node("act", traced("act", partial(act, spec=spec)))
+    builder.add_node("check_output", traced("check_output", partial(check_output, spec=spec)))
     builder.add_edge(START, "validate_input")
     builder.add_conditional_edges("validate_input", route_after_input)
     builder.add_conditional_edges(
