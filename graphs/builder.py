@@ -38,6 +38,7 @@ from keelgraph.tools.execution import policy_of
 from keelgraph.tools.ledger import EffectLedger, SqliteLedger
 
 if TYPE_CHECKING:
+    from keelgraph.cache import ModelCache
     from keelgraph.models import ModelChain
 
 __all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy", "strategy_chain"]
@@ -104,6 +105,8 @@ def graph_builder(
     history_tokens: int | None = 1000,
     max_turn_tokens: int | None = None,
     max_thread_tokens: int | None = None,
+    cache: ModelCache | Literal["default"] | None = None,
+    cache_sampled: bool = False,
 ) -> StateGraph[State, Context, InputState, OutputState]:
     """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
 
@@ -127,6 +130,9 @@ def graph_builder(
     thread, counting every model call (repairs included). Before each call its cost is estimated
     (prompt characters // 4 plus the model's `max_tokens`, 1024 without one); a call that could go
     past a limit is not made, and the turn ends "failed" with a `BudgetExceeded` error.
+    `cache` answers identical model calls from a response cache (see `keelgraph.cache`): None (the
+    default) is off, "default" a SQLite cache in `$KEELGRAPH_DATA_DIR/model_cache.db`. Only replies of
+    turns that ended ok are kept; calls at a temperature above 0 are not cached unless `cache_sampled`.
     """
     from keelgraph.models import as_chain
 
@@ -179,6 +185,8 @@ def graph_builder(
         history_tokens=history_tokens,
         max_turn_tokens=max_turn_tokens,
         max_thread_tokens=max_thread_tokens,
+        cache=_default_cache() if cache == "default" else cache,
+        cache_sampled=cache_sampled,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     configure_from_env()
@@ -198,6 +206,13 @@ def graph_builder(
     builder.add_conditional_edges("act", route_after_act)
     builder.add_conditional_edges("check_output", route_after_check)
     return builder
+
+
+def _default_cache() -> ModelCache:
+    from keelgraph.cache import SqliteModelCache
+    from keelgraph.settings import Settings
+
+    return SqliteModelCache(Settings.from_env().data_dir / "model_cache.db")
 
 
 def _default_ledger() -> EffectLedger:
@@ -223,6 +238,8 @@ def build_graph(
     history_tokens: int | None = 1000,
     max_turn_tokens: int | None = None,
     max_thread_tokens: int | None = None,
+    cache: ModelCache | Literal["default"] | None = None,
+    cache_sampled: bool = False,
     name: str | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """Compile the keelgraph flow for `contract` and `tools`.
@@ -258,6 +275,8 @@ def build_graph(
         history_tokens=history_tokens,
         max_turn_tokens=max_turn_tokens,
         max_thread_tokens=max_thread_tokens,
+        cache=cache,
+        cache_sampled=cache_sampled,
     )
     if store == "default":
         store = None

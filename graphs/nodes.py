@@ -69,6 +69,7 @@ from keelgraph.tools.execution import (
 from keelgraph.tools.ledger import EffectLedger, default_key
 
 if TYPE_CHECKING:
+    from keelgraph.cache import ModelCache
     from keelgraph.models import ModelChain
 
 __all__ = [
@@ -122,6 +123,12 @@ class AgentSpec:
     effects: EffectLedger | Callable[[], EffectLedger] | None = None
     """Where completed `write`/`external` tool calls are recorded (None: no record, calls may
     repeat on resume). A callable is resolved at the first such call."""
+    cache: ModelCache | None = None
+    """Where identical model calls are answered from (None: no cache); see `keelgraph.cache`."""
+    cache_sampled: bool = False
+    """Also cache calls made at a temperature above 0. Off by default: a cached reply would freeze
+    what is meant to be sampled (and repairs, which resample at `REPAIR_TEMPERATURE`, would get
+    the same reply every time)."""
     _chain: list[ModelChain] = field(default_factory=list, compare=False, repr=False)
     _ledgers: list[EffectLedger] = field(default_factory=list, compare=False, repr=False)
 
@@ -211,6 +218,8 @@ def _zero_stats() -> Stats:
         model="",
         transport_errors=0,
         model_attempts=[],
+        cache_hits=0,
+        cache_misses=0,
     )
 
 
@@ -273,6 +282,7 @@ def validate_input(
         "approvals": {},
         "answer_only": False,
         "started": time.time(),
+        "cache_writes": [],
         "output": None,
         "error": None,
         "stats": _zero_stats(),
@@ -477,10 +487,74 @@ def _over_budget(
     return None
 
 
+@dataclass(frozen=True)
+class _CacheNote:
+    """How the response cache took part in one model call."""
+
+    key: str | None = None
+    """The call's cache key; None when it is not cacheable (no cache, or sampled)."""
+    hit: bool = False
+
+
+def _cache_lookup(
+    spec: AgentSpec,
+    model: BaseChatModel,
+    bound: Runnable[LanguageModelInput, BaseMessage],
+    prompt: list[BaseMessage],
+) -> tuple[_CacheNote, AIMessage | None]:
+    """The call's cache key and the cached reply, if any (a cache that fails is a miss)."""
+    from langchain_core.runnables import RunnableBinding
+
+    from keelgraph.cache import cache_key, effective_temperature
+
+    if spec.cache is None:
+        return _CacheNote(), None
+    kwargs = dict(bound.kwargs) if isinstance(bound, RunnableBinding) else {}
+    temperature = effective_temperature(model, kwargs)
+    if temperature is not None and temperature > 0 and not spec.cache_sampled:
+        return _CacheNote(), None
+    key = cache_key(model, spec.active_strategy, prompt, kwargs)
+    try:
+        found = spec.cache.get(key)
+    except Exception as exc:  # an optimisation must not fail a turn
+        _log.warning("keelgraph: response cache lookup failed (%s); asking the model", exc)
+        found = None
+    if found is None:
+        return _CacheNote(key), None
+    calls = [
+        {"name": c["name"], "args": c["args"], "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+        for c in found.get("tool_calls", [])
+    ]
+    reply = AIMessage(
+        found.get("content", ""),
+        tool_calls=calls,
+        usage_metadata={"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        response_metadata={"keelgraph_cache": "hit"},
+    )
+    return _CacheNote(key, hit=True), reply
+
+
+def _cache_write(spec: AgentSpec, entries: Sequence[Mapping[str, Any]]) -> None:
+    """Store the replies of a turn that ended ok (a cache that fails only logs)."""
+    if spec.cache is None:
+        return
+    for entry in entries:
+        try:
+            spec.cache.put(str(entry["key"]), entry["value"])
+        except Exception as exc:
+            _log.warning("keelgraph: response cache write failed (%s)", exc)
+
+
+def _without(entries: Sequence[dict[str, Any]], message_id: str | None) -> list[dict[str, Any]]:
+    """The pending cache writes less the one of a rejected reply."""
+    return [e for e in entries if e.get("id") != message_id]
+
+
 def _ask(
     state: State, spec: AgentSpec, answer: dict[str, Any], allowed: list[BaseTool]
-) -> tuple[BaseMessage, list[ModelAttempt]]:
-    """One model call, with every request it took.
+) -> tuple[BaseMessage, list[ModelAttempt], _CacheNote]:
+    """One model call, with every request it took, answered from the response cache if it holds
+    the identical call (see `keelgraph.cache`).
 
     The models of the chain are asked in turn, each bound with the tools and output format of the
     active strategy: a transient error is retried on the same model with backoff (see
@@ -507,6 +581,10 @@ def _ask(
                 if state.get("attempts"):
                     # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
                     bound = bound.bind(temperature=REPAIR_TEMPERATURE)
+                note, cached = _cache_lookup(spec, model, bound, prompt)
+                if cached is not None:
+                    hit = _record(name, position, began)
+                    return cached, [{**hit, "outcome": "cached"}], note
                 reply = bound.invoke(prompt)
             except Exception as exc:
                 # An endpoint that refuses this way of asking (no json_schema, no tools) gets the next
@@ -532,7 +610,7 @@ def _ask(
                 time.sleep(wait)
                 continue
             tried.append(_record(name, position, began))
-            return reply, tried
+            return reply, tried, note
     assert last is not None  # every position made at least one request
     raise ModelUnavailable([dict(a) for a in tried], last) from last
 
@@ -550,7 +628,7 @@ def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: Agent
 
 def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
     stats: Stats = {**_zero_stats(), **state.get("stats", {})}
-    if stats["model_calls"] >= spec.max_model_calls:
+    if stats["model_calls"] + stats["cache_hits"] >= spec.max_model_calls:
         return _fail(
             state,
             state.get("attempts", []),
@@ -564,10 +642,12 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
         _log.warning("keelgraph: %s", over)
         return {"status": "failed", "error": over.to_failure().model_dump(), "stats": stats, "pending": None}
-    reply, tried = _ask(state, spec, answer, allowed)
+    reply, tried, note = _ask(state, spec, answer, allowed)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-    stats["model_calls"] += 1
+    stats["model_calls"] += 0 if note.hit else 1
+    stats["cache_hits"] += note.hit
+    stats["cache_misses"] += note.key is not None and not note.hit
     stats["model"] = tried[-1]["model"]
     stats["transport_errors"] += len(tried) - 1
     stats["model_attempts"] = [*stats["model_attempts"], *tried]
@@ -579,6 +659,14 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
     }
     raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)
     msg_id = ai.id or f"kg-{uuid.uuid4().hex}"
+    if note.key is not None and not note.hit:
+        # Kept until the turn ends ok (`check_output`); a rejected reply is dropped (`_without`).
+        value = {
+            "content": ai.content,
+            "tool_calls": [{"name": c["name"], "args": c["args"]} for c in ai.tool_calls],
+        }
+        entry = {"key": note.key, "id": msg_id, "value": value}
+        update["cache_writes"] = [*state.get("cache_writes", []), entry]
     if ai.tool_calls and (too_big := oversized_ints([c["args"] for c in ai.tool_calls])):
         # Native calls arrive parsed: numbers the checkpoint cannot store become a repair turn.
         problem = Problem(
@@ -587,6 +675,7 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
             fix="use a number between -9223372036854775808 and 9223372036854775807",
         )
         raw = json.dumps([{"name": c["name"], "args": storable(c["args"])} for c in ai.tool_calls])
+        update.pop("cache_writes", None)  # the checkpoint could not store it, and it is rejected
         step = tagged(AIMessage(raw, id=msg_id), "candidate")
         return {
             **update,
@@ -1078,6 +1167,15 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         "stats": rnd.stats,
         "thread_tool_calls": state.get("thread_tool_calls", 0) + rnd.stats["tool_calls"] - before,
     }
+    # A step is only worth caching when every call of it ran as the model wrote it.
+    edited = any(
+        state.get("approvals", {}).get(str(c["id"]), {}).get("action") == "edit" for c in last.tool_calls
+    )
+    clean = len(rnd.replies) == len(last.tool_calls) and all(
+        isinstance(m, ToolMessage) and m.status == "success" for m in rnd.replies
+    )
+    if state.get("cache_writes") and (edited or not clean):
+        update["cache_writes"] = _without(state.get("cache_writes", []), last.id)
     if rnd.rejected:
         known = state.get("rejected_calls", [])
         update["rejected_calls"] = [*known, *(r for r in rnd.rejected if r not in known)]
@@ -1152,10 +1250,12 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
             *contract.run_checks(output, ctx),
         ]
         kind = "check"
+    last = state["messages"][-1]
     if output is not None and not problems:
-        last = state["messages"][-1]
         answer = tagged(AIMessage(output.model_dump_json(), id=last.id), "answer")
         stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
+        # The turn ended ok: its replies that were not rejected are known good, and only now cached.
+        _cache_write(spec, state.get("cache_writes", []))
         return {
             "status": "ok",
             "output": output.model_dump(mode="json"),
@@ -1163,14 +1263,20 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
             "pending": None,
             "messages": [answer],
             "stats": stats,
+            "cache_writes": [],
         }
+    writes = _without(state.get("cache_writes", []), last.id)
     attempts = [
         *state.get("attempts", []),
         _attempt(state.get("attempts", []), kind, raw, problems),
     ]
     stats["repairs"] = len(attempts)
     if why := _exhausted(spec, attempts):
-        return {"attempts": attempts, **_fail(state, attempts, stats, f"no valid answer: {why}")}
+        return {
+            "attempts": attempts,
+            "cache_writes": writes,
+            **_fail(state, attempts, stats, f"no valid answer: {why}"),
+        }
     lines = "\n".join(f"- {p.line()}" for p in problems)
     request = next((m for m in reversed(state.get("messages", [])) if kind_of(m) == "request"), None)
     # The exact validation errors are the correction prompt (see STYLE.md, item 5).
@@ -1189,6 +1295,7 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
         "pending": None,
         "answer_only": answer_only,
         "messages": [correction],
+        "cache_writes": writes,
     }
 
 

@@ -61,6 +61,10 @@ class Stats(TypedDict):
     """Requests to a model that failed in transport (timeout, connection, 429, 5xx, bad body)."""
     model_attempts: list[ModelAttempt]
     """Every request to a model this turn, answered or not, in order."""
+    cache_hits: int
+    """Model calls answered from the graph's response cache (not counted in `model_calls`)."""
+    cache_misses: int
+    """Cacheable model calls the cache did not hold (made, and counted in `model_calls`)."""
 
 
 def _storable_request(value: Any) -> Any:
@@ -131,6 +135,9 @@ class State(InputState, OutputState, total=False):
     """Tool calls run in this thread, over all its turns (for `max_thread_tool_calls`)."""
     usage: Annotated[dict[str, int], add_usage]
     """Tokens spent by the whole thread."""
+    cache_writes: list[dict[str, Any]]
+    """This turn's model replies waiting for the response cache (key, message id, reply): written
+    when the turn ends `ok`, dropped when rejected (see `keelgraph.cache`)."""
 
 
 @dataclass(frozen=True)
