@@ -15,13 +15,21 @@ crash, a rejection, a trim), which `reason` answers before the model sees the th
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, AnyMessage, ToolMessage, messages_from_dict, messages_to_dict
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    ToolMessage,
+    messages_from_dict,
+    messages_to_dict,
+)
 from langgraph.store.base import BaseStore
 
 from keelgraph.graphs._prompt import kind_of
@@ -33,6 +41,7 @@ __all__ = [
     "archived_messages",
     "compact",
     "dangling_calls",
+    "estimate_prompt_tokens",
     "estimate_tokens",
     "transcript",
 ]
@@ -47,11 +56,28 @@ def archive_namespace(thread_id: str) -> tuple[str, ...]:
     return ("keelgraph", ARCHIVE, thread_id)
 
 
-def estimate_tokens(message: AnyMessage) -> int:
-    """A cheap, model-independent token estimate: about 4 characters a token, plus framing."""
-    text = str(message.content)
+MESSAGE_OVERHEAD = 4
+"""Tokens a chat template adds per message (role, separators): an estimate."""
+
+
+def _chars(message: BaseMessage) -> int:
+    content = (
+        message.content if isinstance(message.content, str) else json.dumps(message.content, default=repr)
+    )
     calls = getattr(message, "tool_calls", None) or []
-    return (len(text) + sum(len(str(c.get("args", ""))) + len(c.get("name", "")) for c in calls)) // 4 + 4
+    return len(content) + (len(json.dumps([c["args"] for c in calls], default=str)) if calls else 0)
+
+
+def estimate_prompt_tokens(messages: Sequence[BaseMessage], extra: str = "") -> int:
+    """An estimate of a prompt's input tokens, not a count: characters // 4 (about right for
+    English and JSON with BPE tokenizers) plus `MESSAGE_OVERHEAD` per message. `extra` is text sent
+    beside the messages (tool and response schemas)."""
+    return (len(extra) + sum(_chars(m) for m in messages)) // 4 + MESSAGE_OVERHEAD * len(messages)
+
+
+def estimate_tokens(message: BaseMessage) -> int:
+    """One message's share of `estimate_prompt_tokens`: what compaction budgets by."""
+    return estimate_prompt_tokens([message])
 
 
 @dataclass

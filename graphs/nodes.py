@@ -54,7 +54,7 @@ from keelgraph.graphs._prompt import (
     tagged,
     tool_args_schema,
 )
-from keelgraph.graphs.history import archive, compact, dangling_calls
+from keelgraph.graphs.history import archive, compact, dangling_calls, estimate_prompt_tokens
 from keelgraph.graphs.state import Context, ModelAttempt, State, Stats
 from keelgraph.tools.execution import (
     CallOutcome,
@@ -431,20 +431,8 @@ def _record(model: str, position: int, began: float, exc: BaseException | None =
 
 DEFAULT_OUTPUT_CAP = 1024
 """Output tokens assumed for a model that declares no `max_tokens` (KEELGRAPH_MAX_TOKENS's default)."""
-MESSAGE_OVERHEAD = 4
-"""Tokens a chat template adds per message (role, separators): an estimate."""
-
-
-def estimate_tokens(prompt: Sequence[BaseMessage], extra: str = "") -> int:
-    """An estimate of a prompt's input tokens, not a count: characters // 4 (about right for
-    English and JSON with BPE tokenizers) plus `MESSAGE_OVERHEAD` per message. `extra` is text sent
-    beside the messages (tool and response schemas)."""
-    chars = len(extra)
-    for message in prompt:
-        chars += len(_as_text(message.content))
-        if isinstance(message, AIMessage) and message.tool_calls:
-            chars += len(json.dumps([c["args"] for c in message.tool_calls], default=str))
-    return chars // 4 + MESSAGE_OVERHEAD * len(prompt)
+estimate_tokens = estimate_prompt_tokens
+"""See `keelgraph.graphs.history.estimate_prompt_tokens` (one estimator for budgets and compaction)."""
 
 
 def _prompt(
