@@ -20,6 +20,7 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.store.base import BaseStore
 
+from keelgraph._sqlite import connect, pragmas
 from keelgraph.contracts.errors import UserError
 from keelgraph.contracts.parsing import oversized_ints, storable
 
@@ -45,7 +46,6 @@ Kind = Literal["threads", "store"]
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 # WAL plus NORMAL keeps every committed turn across a process crash and costs one fsync per
 # checkpoint batch instead of several; the busy timeout lets several processes share the file.
-_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA busy_timeout=30000")
 
 
 class StorableSerializer(JsonPlusSerializer):
@@ -259,14 +259,7 @@ def _require_postgres() -> None:
 
 def _sqlite_connect(path: str | Path, *, autocommit: bool = False) -> sqlite3.Connection:
     """A tuned connection; the stores expect autocommit (`isolation_level=None`), the savers not."""
-    if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0)
-    if autocommit:
-        conn.isolation_level = None
-    for pragma in _PRAGMAS:
-        conn.execute(pragma)
-    return conn
+    return connect(path, synchronous="NORMAL", autocommit=autocommit)
 
 
 @asynccontextmanager
@@ -277,7 +270,7 @@ async def _aiosqlite_connect(path: str, *, autocommit: bool = False) -> AsyncIte
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     autocommits: dict[str, Any] = {"isolation_level": None} if autocommit else {}
     async with aiosqlite.connect(path, timeout=30.0, **autocommits) as conn:
-        for pragma in _PRAGMAS:
+        for pragma in pragmas():
             await conn.execute(pragma)
         yield conn
 

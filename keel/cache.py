@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from langchain_core.messages import AIMessage, BaseMessage
+
+from keelgraph._sqlite import connect
 
 __all__ = [
     "MemoryModelCache",
@@ -129,14 +130,9 @@ class SqliteModelCache:
         self.path = str(path)
         self.max_entries = max_entries
         self.ttl_s = ttl_s
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        self._conn = connect(self.path, synchronous="NORMAL", autocommit=True)
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.execute(
                 """CREATE TABLE IF NOT EXISTS keelgraph_model_cache (
                     key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"""

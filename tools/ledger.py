@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
+
+from keelgraph._sqlite import connect
 
 __all__ = [
     "Effect",
@@ -132,14 +133,9 @@ class SqliteLedger:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        self._conn = connect(self.path, synchronous="FULL", autocommit=True)
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.execute(
                 """CREATE TABLE IF NOT EXISTS keelgraph_effects (
                     key TEXT PRIMARY KEY, tool TEXT NOT NULL, args TEXT NOT NULL,
