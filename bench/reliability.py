@@ -49,6 +49,7 @@ from keelgraph import build_graph
 from keelgraph.contracts.decision import grammar_safe, inline_refs
 from keelgraph.graphs._prompt import describe_fields
 from keelgraph.models import LocalModelServer, output_cap
+from keelgraph.progress import Progress
 from keelgraph.settings import Settings
 
 METHODS = ("bare", "langchain", "keelgraph")
@@ -303,11 +304,9 @@ def run_all(
     """Every method on every task, method by method (so the server's prompt cache helps each alike)."""
     fams = families()
     total = sum(len(chosen) * reps for _, reps in schedule) * len(methods)
-    done = 0
-    started = time.perf_counter()
     blocks: list[dict[str, Any]] = []
     restarts = 0
-    with LocalModelServer(settings) as server:
+    with LocalModelServer(settings) as server, Progress(total, "reliability", unit="runs") as bar:
         for temperature, repeats in schedule:
             for method in methods:
                 runs = []
@@ -318,25 +317,22 @@ def run_all(
                         if "Connection" in str(runs[-1]["error"]) and not _alive(server.url):
                             # A request can crash the server (a bad grammar did): restart and count it.
                             restarts += 1
-                            print(f"model server down; restarting it (restart {restarts})", flush=True)
+                            bar.say(f"model server down; restarting it (restart {restarts})")
                             server.start()
-                        done += 1
                     last = runs[-1]
-                    elapsed = time.perf_counter() - started
-                    print(
-                        f"[{done}/{total} {elapsed / 60:5.1f} min] {method:9} t={temperature} {task.id}: "
+                    bar.advance(
+                        repeats,
+                        note=f"{method:9} t={temperature} {task.id}: "
                         f"{sum(r['correct'] for r in runs[-repeats:])}/{repeats} correct, "
                         f"{last['calls']} calls, {last['seconds']:.1f} s"
                         + (f"  ({last['error'][:120]})" if last["error"] else ""),
-                        flush=True,
                     )
                 summary = summarize(runs, repeats)
                 blocks.append(
                     {"method": method, "temperature": temperature, "summary": summary, "runs": runs}
                 )
-                print(
-                    f"== {method} t={temperature}: {json.dumps({k: v for k, v in summary.items() if k != 'by_family'})}",
-                    flush=True,
+                bar.say(
+                    f"== {method} t={temperature}: {json.dumps({k: v for k, v in summary.items() if k != 'by_family'})}"
                 )
     return blocks, restarts
 

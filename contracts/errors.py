@@ -148,17 +148,22 @@ class RepairExhausted(RunError):
 
 
 Budget = Literal["turn", "thread"]
+BudgetUnit = Literal["tokens", "cost"]
 
 
 class BudgetExceeded(RunError):
-    """The next model call could take a token budget past its limit, so it was not made.
+    """The next model call could take a spend budget past its limit, so it was not made.
 
-    `budget` is "turn" (`max_turn_tokens`) or "thread" (`max_thread_tokens`); `limit`, `spent` and
-    `estimate` (the call's estimated cost) count input + output tokens; `usage` is what the turn
-    spent. Raise the budget, or start a new thread for a spent thread budget.
+    `budget` is "turn" or "thread"; `unit` is "tokens" (`max_turn_tokens` / `max_thread_tokens`:
+    `limit`, `spent` and `estimate` count input + output tokens) or "cost" (`max_turn_cost` /
+    `max_thread_cost`: in the currency of the graph's `prices`). `estimate` is the next call's
+    estimated cost; `usage` is what the turn spent. Raise the budget, or start a new thread for a
+    spent thread budget.
 
     >>> BudgetExceeded("turn", limit=100, spent=80, estimate=40).code
     'budget_exceeded'
+    >>> BudgetExceeded("thread", limit=0.5, spent=0.49, estimate=0.02, unit="cost").to_failure().problems[0].field
+    'max_thread_cost'
     """
 
     code = "budget_exceeded"
@@ -167,43 +172,64 @@ class BudgetExceeded(RunError):
         self,
         budget: Budget,
         *,
-        limit: int,
-        spent: int,
-        estimate: int,
+        limit: float,
+        spent: float,
+        estimate: float,
         usage: dict[str, int] | None = None,
+        unit: BudgetUnit = "tokens",
     ) -> None:
         self.budget: Budget = budget
+        self.unit: BudgetUnit = unit
         self.limit, self.spent, self.estimate = limit, spent, estimate
         self.usage = dict(usage or {})
+        what = "token budget" if unit == "tokens" else "cost budget"
         super().__init__(
-            f"the {budget} token budget would be exceeded, so the model was not called: "
-            f"{spent} of max_{budget}_tokens={limit} spent, next call estimated at {estimate}; " + self.fix
+            f"the {budget} {what} would be exceeded, so the model was not called: "
+            f"{self._n(spent)} of {self.setting}={self._n(limit)} spent, next call estimated at "
+            f"{self._n(estimate)}; " + self.fix
         )
+
+    def _n(self, value: float) -> str:
+        return str(int(value)) if self.unit == "tokens" else f"{value:.6f}".rstrip("0").rstrip(".")
+
+    @property
+    def setting(self) -> str:
+        return f"max_{self.budget}_{'tokens' if self.unit == 'tokens' else 'cost'}"
 
     @property
     def fix(self) -> str:
         if self.budget == "turn":
-            return "raise max_turn_tokens, or send a shorter request"
-        return "raise max_thread_tokens, or start a new thread"
+            return f"raise {self.setting}, or send a shorter request"
+        return f"raise {self.setting}, or start a new thread"
 
     def to_failure(self) -> Failure:
         problem = Problem(
-            field=f"max_{self.budget}_tokens",
-            reason=f"{self.spent} spent + {self.estimate} estimated > {self.limit}",
+            field=self.setting,
+            reason=f"{self._n(self.spent)} spent + {self._n(self.estimate)} estimated > {self._n(self.limit)}",
             fix=self.fix,
         )
-        usage = {**self.usage, "limit": self.limit, "spent": self.spent, "estimate": self.estimate}
+        # Failure.usage holds integers: a cost is kept in millionths of the currency unit.
+        scale = 1 if self.unit == "tokens" else 1_000_000
+        numbers = {k: round(getattr(self, k) * scale) for k in ("limit", "spent", "estimate")}
         return Failure(
-            type="BudgetExceeded", code=self.code, message=str(self), problems=[problem], usage=usage
+            type="BudgetExceeded",
+            code=self.code,
+            message=str(self),
+            problems=[problem],
+            usage={**self.usage, **numbers},
         )
 
     @classmethod
     def from_failure(cls, failure: Failure) -> BudgetExceeded:
         usage = dict(failure.usage)
-        numbers = {k: usage.pop(k, 0) for k in ("limit", "spent", "estimate")}
         field = failure.problems[0].field if failure.problems else ""
-        budget: Budget = "thread" if field == "max_thread_tokens" else "turn"
-        return cls(budget, usage=usage, **numbers)
+        unit: BudgetUnit = "cost" if field.endswith("_cost") else "tokens"
+        scale = 1 if unit == "tokens" else 1_000_000
+        numbers = {k: usage.pop(k, 0) / scale for k in ("limit", "spent", "estimate")}
+        if unit == "tokens":
+            numbers = {k: int(v) for k, v in numbers.items()}
+        budget: Budget = "thread" if field.startswith("max_thread") else "turn"
+        return cls(budget, usage=usage, unit=unit, **numbers)
 
 
 def _field(loc: tuple[int | str, ...], prefix: str) -> str:

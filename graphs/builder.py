@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +33,7 @@ from keelgraph.graphs.nodes import (
     validate_input,
 )
 from keelgraph.graphs.state import Context, InputState, OutputState, State
+from keelgraph.models import Price, model_label, price_of
 from keelgraph.observability import configure_from_env, traced
 from keelgraph.tools.execution import policy_of
 from keelgraph.tools.ledger import EffectLedger, SqliteLedger
@@ -107,6 +108,9 @@ def graph_builder(
     max_thread_tokens: int | None = None,
     cache: ModelCache | Literal["default"] | None = None,
     cache_sampled: bool = False,
+    prices: Mapping[str, Price] | None = None,
+    max_turn_cost: float | None = None,
+    max_thread_cost: float | None = None,
 ) -> StateGraph[State, Context, InputState, OutputState]:
     """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
 
@@ -122,14 +126,20 @@ def graph_builder(
     `max_tool_calls` / `max_thread_tool_calls` cap the tool calls run per turn / per thread (calls
     past a cap are refused and the model must answer). `refuse_tainted_writes` enforces the tool
     policies' `from_user` arguments: values the user must have written, not a tool result.
-    `history_tokens` bounds what earlier turns keep in the state (their requests and answers, newest
-    first, by estimated tokens); the rest moves to the thread's archive in the graph's store, so a
-    checkpoint stays the same size however long the thread (see `keelgraph.graphs.history`).
-    Without a store, or with None, the state keeps everything.
+    `history_tokens` bounds what the model is shown of earlier turns (their requests and answers,
+    newest first, by estimated tokens). With a store, the state holds only the turn in progress:
+    finished turns move to the thread's archive in the graph's store and the model's share of them
+    is read back from there, so a checkpoint holds the same whatever the length of the thread (see
+    `keelgraph.graphs.history`). Without a store, or with None, the state keeps every turn.
     `max_turn_tokens` / `max_thread_tokens` are spend limits in input + output tokens per turn / per
     thread, counting every model call (repairs included). Before each call its cost is estimated
     (prompt characters // 4 plus the model's `max_tokens`, 1024 without one); a call that could go
     past a limit is not made, and the turn ends "failed" with a `BudgetExceeded` error.
+    `prices` maps model names (`keelgraph.models.model_label`, `"*"` for any other) to a
+    `keelgraph.Price` per million tokens: each reply's cost goes into the turn's `stats["cost"]`
+    and the thread's `usage["cost_micros"]`; `max_turn_cost` / `max_thread_cost` are spend limits
+    in that currency, checked before each call like the token limits (at the highest price of the
+    models the call may fail over to).
     `cache` answers identical model calls from a response cache (see `keelgraph.cache`): None (the
     default) is off, "default" a SQLite cache in `$KEELGRAPH_DATA_DIR/model_cache.db`. Only replies of
     turns that ended ok are kept; calls at a temperature above 0 are not cached unless `cache_sampled`.
@@ -166,6 +176,17 @@ def graph_builder(
         if cap is not None and cap < 1:
             raise UserError(f"{label} must be None (no limit) or >= 1, got {cap}")
     models = as_chain(model)
+    for label, limit in (("max_turn_cost", max_turn_cost), ("max_thread_cost", max_thread_cost)):
+        if limit is not None and limit <= 0:
+            raise UserError(f"{label} must be None (no limit) or > 0, got {limit}")
+        if limit is not None and not prices:
+            raise UserError(f"{label} needs prices=: the price of each model, e.g. {{'*': Price(0.15, 0.6)}}")
+    if prices and (max_turn_cost is not None or max_thread_cost is not None):
+        for source in models.models:  # factories are checked when first resolved, at the first call
+            if isinstance(source, BaseChatModel) and price_of(prices, model_label(source)) is None:
+                raise UserError(
+                    f'no price for model {model_label(source)!r}: add it to prices= (or a "*" entry)'
+                )
     if isinstance(strategy, str):
         chain: tuple[Strategy, ...] = (strategy,)
     else:
@@ -187,6 +208,9 @@ def graph_builder(
         max_thread_tokens=max_thread_tokens,
         cache=_default_cache() if cache == "default" else cache,
         cache_sampled=cache_sampled,
+        prices=dict(prices or {}),
+        max_turn_cost=max_turn_cost,
+        max_thread_cost=max_thread_cost,
     )
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     configure_from_env()
@@ -240,6 +264,9 @@ def build_graph(
     max_thread_tokens: int | None = None,
     cache: ModelCache | Literal["default"] | None = None,
     cache_sampled: bool = False,
+    prices: Mapping[str, Price] | None = None,
+    max_turn_cost: float | None = None,
+    max_thread_cost: float | None = None,
     name: str | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """Compile the keelgraph flow for `contract` and `tools`.
@@ -277,6 +304,9 @@ def build_graph(
         max_thread_tokens=max_thread_tokens,
         cache=cache,
         cache_sampled=cache_sampled,
+        prices=prices,
+        max_turn_cost=max_turn_cost,
+        max_thread_cost=max_thread_cost,
     )
     if store == "default":
         store = None

@@ -23,8 +23,10 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
-from langgraph.config import get_config
+from langgraph.config import get_config, get_store
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.runtime import Runtime
+from langgraph.store.base import BaseStore
 from langgraph.types import interrupt
 
 from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
@@ -43,6 +45,7 @@ from keelgraph.contracts.errors import (
     InputRejected,
     Problem,
     RepairExhausted,
+    UserError,
 )
 from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
 from keelgraph.graphs._prompt import (
@@ -54,8 +57,15 @@ from keelgraph.graphs._prompt import (
     tagged,
     tool_args_schema,
 )
-from keelgraph.graphs.history import archive, compact, dangling_calls, estimate_prompt_tokens
+from keelgraph.graphs.history import (
+    archive_turns,
+    compact,
+    dangling_calls,
+    estimate_prompt_tokens,
+    recent_history,
+)
 from keelgraph.graphs.state import Context, ModelAttempt, State, Stats
+from keelgraph.models import Price, price_of
 from keelgraph.tools.execution import (
     CallOutcome,
     GuardContext,
@@ -111,11 +121,19 @@ class AgentSpec:
     estimated cost would go past it is not made: the turn fails with `BudgetExceeded`."""
     max_thread_tokens: int | None = None
     """The same over the whole thread, all its turns (the `usage` channel)."""
+    prices: Mapping[str, Price] = field(default_factory=dict)
+    """Model name (`model_label`) -> `Price`, `"*"` for any other: each reply's cost is added to
+    the turn's `stats["cost"]` and the thread's `usage["cost_micros"]` (millionths)."""
+    max_turn_cost: float | None = None
+    """Like `max_turn_tokens`, in the currency of `prices`."""
+    max_thread_cost: float | None = None
+    """Like `max_thread_tokens`, in the currency of `prices`."""
     refuse_tainted_writes: bool = True
     """Enforce tool policies' `from_user`: those arguments must be values the user wrote."""
     history_tokens: int | None = 1000
-    """Earlier turns kept in the thread's state (their requests and answers, newest first) up to
-    this many estimated tokens; the rest moves to the thread's archive in the store. None: keep all."""
+    """What the model is shown of earlier turns (their requests and answers, newest first), up to
+    this many estimated tokens. With a store, earlier turns leave the state for the thread's
+    archive and are read back from it; None keeps every turn in the state (and shows them all)."""
     allow_repeat_tools: bool = False
     """Let the model call a tool again in a turn after it succeeded (off: small models loop)."""
     fallbacks: tuple[Strategy, ...] = ()
@@ -220,6 +238,7 @@ def _zero_stats() -> Stats:
         model_attempts=[],
         cache_hits=0,
         cache_misses=0,
+        cost=0.0,
     )
 
 
@@ -235,7 +254,9 @@ def _as_text(raw: Any) -> str:
 
 
 def _compacted(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
-    """Move what the next turns do not need out of the state, archiving it first.
+    """Move the finished turns out of the state into the thread's archive, writing them first: the
+    state then holds only the turn about to start, and `_with_history` reads what the model is
+    shown of earlier turns back from the archive (see `keelgraph.graphs.history`).
 
     Only with a store to archive to (a served graph always has one; in process, `build_graph`
     opens one next to its default checkpointer): without one the thread keeps everything.
@@ -245,19 +266,45 @@ def _compacted(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) 
     if store is None or spec.history_tokens is None or thread_id is None:
         return {}
     turns = state.get("turn", 0)
-    plan = compact(
-        state.get("messages", []),
-        spec.history_tokens,
-        turns_done=turns,
-        archived_turns=state.get("archived_turns", 0),
-    )
-    # Keyed by turn: a validate_input re-run after a crash rewrites the same item, never a copy.
-    archive(store, str(thread_id), plan.to_archive, key=f"{max(turns, plan.archived_turns):09d}")
-    return {
+    plan = compact(state.get("messages", []), turns_done=turns, archived_turns=state.get("archived_turns", 0))
+    # One item per turn, keyed by its number: a validate_input re-run after a crash writes the same
+    # items again, and a thread resumed from an older checkpoint overwrites the turns it re-runs.
+    head = archive_turns(store, str(thread_id), plan.to_archive, after=state.get("archive_head", ""))
+    update: dict[str, Any] = {
         "archived_turns": plan.archived_turns,
+        "archive_head": head,
         "turn": max(turns, plan.archived_turns),
-        "messages": [RemoveMessage(id=i) for i in plan.ids],
     }
+    if plan.removed:
+        update["messages"] = [RemoveMessage(id=REMOVE_ALL_MESSAGES)]
+    return update
+
+
+def _with_history(state: State, spec: AgentSpec) -> State:
+    """`state` with the earlier turns the model is shown put back in front of this turn.
+
+    A compacted thread's state holds only the turn in progress (see `_compacted`). The requests and
+    answers of its earlier turns are read back from the archive, newest first, up to
+    `spec.history_tokens` (no store request when this process archived or read them already), so
+    the prompt, the tool guards (`GuardContext.earlier_answers`) and the `from_user` check see what
+    they saw when those turns stayed in the state. For reading only: nodes return new messages.
+    """
+    turns = state.get("archived_turns", 0)
+    if not turns or spec.history_tokens is None:
+        return state
+    try:
+        store: BaseStore | None = get_store()
+        thread_id = get_config().get("configurable", {}).get("thread_id")
+    except RuntimeError:  # outside a graph run
+        return state
+    if store is None or thread_id is None:
+        return state
+    head = state.get("archive_head", "")
+    earlier = recent_history(store, str(thread_id), turns=turns, head=head, budget_tokens=spec.history_tokens)
+    messages = state.get("messages", [])
+    held = {m.id for m in messages}  # a state from before turns left it whole may hold some of them
+    earlier = [m for m in earlier if m.id not in held]
+    return {**state, "messages": [*earlier, *messages]} if earlier else state
 
 
 def validate_input(
@@ -265,8 +312,8 @@ def validate_input(
 ) -> dict[str, Any]:
     """Parse the request into the contract's input model; a bad one ends the turn, typed.
 
-    Either way the request is appended to the thread exactly as it was sent. Earlier turns are
-    compacted first (see `keelgraph.graphs.history`): the state stays the same size as a thread grows.
+    Either way the request is appended to the thread exactly as it was sent. Earlier turns move to
+    the thread's archive first (see `_compacted`): the state stays the same size as a thread grows.
     """
     raw = state.get("request")
     compacted = _compacted(state, runtime, spec)
@@ -448,21 +495,41 @@ def _prompt(
     return render(state.get("messages", []), system, strategy)
 
 
+def _call_price(state: State, spec: AgentSpec) -> Price:
+    """The highest price among the models this call may reach (it may fail over mid-call)."""
+    from keelgraph.models import model_label
+
+    first = _first_position(state, spec)
+    found = []
+    for position in range(first, len(spec.chain.models)):
+        name = model_label(spec.chain.model(position))
+        price = price_of(spec.prices, name)
+        if price is None:
+            raise UserError(
+                f"max_turn_cost/max_thread_cost need a price for every model of the chain; {name!r} has "
+                f'none: add it to prices= (or a "*" entry), e.g. prices={{{name!r}: Price(input=0.5, output=1.5)}}'
+            )
+        found.append(price)
+    return Price(input=max(p.input for p in found), output=max(p.output for p in found))
+
+
 def _over_budget(
     state: State, spec: AgentSpec, stats: Stats, answer: dict[str, Any], allowed: list[BaseTool]
 ) -> BudgetExceeded | None:
-    """Whether the next call could go past a token budget: tokens spent plus the call's estimate
-    (its prompt, see `estimate_tokens`, plus the output cap of the model `_ask` asks first)."""
-    if spec.max_turn_tokens is None and spec.max_thread_tokens is None:
+    """Whether the next call could go past a token or cost budget: what was spent plus the call's
+    estimate (its prompt, see `estimate_tokens`, plus the output cap of the model `_ask` asks
+    first; for cost, at the highest price of the models it may reach)."""
+    limits = (spec.max_turn_tokens, spec.max_thread_tokens, spec.max_turn_cost, spec.max_thread_cost)
+    if all(limit is None for limit in limits):
         return None
     schemas = _offered_schemas(state, allowed)
     # Schemas sent beside the messages (tools, response format) cost input tokens too.
     extra = "" if spec.active_strategy == "prompted" else json.dumps([answer, schemas])
     model = spec.chain.model(_first_position(state, spec))
     cap = getattr(model, "max_tokens", None)
-    estimate = estimate_tokens(_prompt(state, spec, answer, allowed, schemas), extra) + (
-        cap if isinstance(cap, int) and cap > 0 else DEFAULT_OUTPUT_CAP
-    )
+    cap = cap if isinstance(cap, int) and cap > 0 else DEFAULT_OUTPUT_CAP
+    prompt = estimate_tokens(_prompt(state, spec, answer, allowed, schemas), extra)
+    estimate = prompt + cap
     usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}
     thread = state.get("usage", {})
     budgets: list[tuple[Budget, int | None, int]] = [
@@ -472,6 +539,18 @@ def _over_budget(
     for budget, limit, spent in budgets:
         if limit is not None and spent + estimate > limit:
             return BudgetExceeded(budget, limit=limit, spent=spent, estimate=estimate, usage=usage)
+    if spec.max_turn_cost is None and spec.max_thread_cost is None:
+        return None
+    cost = _call_price(state, spec).cost(prompt, cap)
+    costs: list[tuple[Budget, float | None, float]] = [
+        ("turn", spec.max_turn_cost, stats.get("cost", 0.0)),
+        ("thread", spec.max_thread_cost, thread.get("cost_micros", 0) / 1_000_000),
+    ]
+    for budget, cost_limit, cost_spent in costs:
+        if cost_limit is not None and cost_spent + cost > cost_limit + 1e-12:
+            return BudgetExceeded(
+                budget, limit=cost_limit, spent=cost_spent, estimate=cost, usage=usage, unit="cost"
+            )
     return None
 
 
@@ -603,8 +682,32 @@ def _ask(
     raise ModelUnavailable([dict(a) for a in tried], last) from last
 
 
+def _account(
+    stats: Stats, spec: AgentSpec, ai: AIMessage, tried: list[ModelAttempt], note: _CacheNote
+) -> dict[str, int]:
+    """Add one model call to the turn's `stats`; return what it adds to the thread's `usage`:
+    tokens, and its cost in millionths at the graph's `prices` (the channel adds up integers)."""
+    usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    stats["model_calls"] += 0 if note.hit else 1
+    stats["cache_hits"] += note.hit
+    stats["cache_misses"] += note.key is not None and not note.hit
+    stats["model"] = tried[-1]["model"]
+    stats["transport_errors"] += len(tried) - 1
+    stats["model_attempts"] = [*stats["model_attempts"], *tried]
+    stats["input_tokens"] += usage["input_tokens"]
+    stats["output_tokens"] += usage["output_tokens"]
+    spent = {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]}
+    price = price_of(spec.prices, stats["model"]) if spec.prices else None
+    if price is not None and not note.hit:
+        cost = price.cost(usage["input_tokens"], usage["output_tokens"])
+        stats["cost"] = round(stats.get("cost", 0.0) + cost, 9)
+        spent["cost_micros"] = round(cost * 1_000_000)
+    return spent
+
+
 def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec) -> dict[str, Any]:
     """Ask the model for its next step and read it as a tool call or a candidate answer."""
+    state = _with_history(state, spec)
     # The thread must be valid before a provider sees it: a call without a result (a crash, an
     # edit of the state) gets one that says so, kept in the thread.
     repairs = dangling_calls(current_turn(state.get("messages", [])))
@@ -632,19 +735,7 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         return {"status": "failed", "error": over.to_failure().model_dump(), "stats": stats, "pending": None}
     reply, tried, note = _ask(state, spec, answer, allowed)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
-    usage = ai.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
-    stats["model_calls"] += 0 if note.hit else 1
-    stats["cache_hits"] += note.hit
-    stats["cache_misses"] += note.key is not None and not note.hit
-    stats["model"] = tried[-1]["model"]
-    stats["transport_errors"] += len(tried) - 1
-    stats["model_attempts"] = [*stats["model_attempts"], *tried]
-    stats["input_tokens"] += usage["input_tokens"]
-    stats["output_tokens"] += usage["output_tokens"]
-    update: dict[str, Any] = {
-        "stats": stats,
-        "usage": {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"]},
-    }
+    update: dict[str, Any] = {"stats": stats, "usage": _account(stats, spec, ai, tried, note)}
     raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)
     msg_id = ai.id or f"kg-{uuid.uuid4().hex}"
     if note.key is not None and not note.hit:
@@ -713,7 +804,7 @@ def route_after_reason(
     messages = state.get("messages", [])
     last = messages[-1] if messages else None
     if isinstance(last, AIMessage) and last.tool_calls:
-        if spec is not None and _awaiting_approval(state, spec, last):
+        if spec is not None and _awaiting_approval(_with_history(state, spec), spec, last):
             return "approve"
         return "act"
     return "check_output"
@@ -796,6 +887,7 @@ def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     asking. Edited arguments replace the model's in the thread, and `act` checks them again
     (schema, choices, guard) before anything runs.
     """
+    state = _with_history(state, spec)
     step = state["messages"][-1]
     assert isinstance(step, AIMessage)
     refused = {_key(r["name"], r["args"]): r for r in state.get("rejected_calls", [])}
@@ -1126,6 +1218,7 @@ def _tainted(
 
 def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
+    state = _with_history(state, spec)
     last = state["messages"][-1]
     assert isinstance(last, AIMessage)
     rnd = _Round(

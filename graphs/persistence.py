@@ -2,6 +2,14 @@
 
 A *target* is a file path (SQLite) or a `postgresql://` URL. None means the configured one:
 `KEELGRAPH_DATABASE_URL`, else `threads.db` / `store.db` under `KEELGRAPH_DATA_DIR`.
+
+A store's *index* makes its items searchable by meaning (`store.search(ns, query=...)`): a LangGraph
+`IndexConfig`, None (no index: the default), or "auto": `keelgraph.graphs.memory.index_config()`
+(the offline embedding model) when the `memory` extra and its model are installed and the backend
+can hold vectors, else none. On SQLite the vector index needs sqlite-vec, loaded through `pysqlite3`
+(see `keelgraph.graphs.memory.vector_connect`); on PostgreSQL it needs the pgvector extension in
+the server, which Debian 12's PostgreSQL 15 does not package: "auto" then opens the store without
+an index, and `keelgraph.graphs.memory.recall` ranks memories in Python instead.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from urllib.parse import urlsplit
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.store.base import BaseStore
+from langgraph.store.base import BaseStore, IndexConfig
 
 from keelgraph._sqlite import connect, pragmas
 from keelgraph.contracts.errors import UserError
@@ -32,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "StorableSerializer",
+    "StoreIndex",
     "async_checkpointer",
     "async_store",
     "checkpointer",
@@ -43,6 +52,8 @@ __all__ = [
 ]
 
 Kind = Literal["threads", "store"]
+StoreIndex = IndexConfig | Literal["auto"] | None
+"""A store's vector index: a LangGraph `IndexConfig`, "auto" (the offline model when installed), or None."""
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 # WAL plus NORMAL keeps every committed turn across a process crash and costs one fsync per
 # checkpoint batch instead of several; the busy timeout lets several processes share the file.
@@ -149,9 +160,12 @@ def checkpointer(target: str | Path | None = None) -> Iterator[BaseCheckpointSav
 
 
 @asynccontextmanager
-async def async_store(target: str | Path | None = None) -> AsyncIterator[BaseStore]:
+async def async_store(
+    target: str | Path | None = None, *, index: StoreIndex = None
+) -> AsyncIterator[BaseStore]:
     """A long-term memory store, set up and closed on exit: `AsyncSqliteStore` on a file (tuned as
-    `sqlite_checkpointer`) or `AsyncPostgresStore` for a `postgresql://` URL. No vector index yet.
+    `sqlite_checkpointer`) or `AsyncPostgresStore` for a `postgresql://` URL, with `index` as the
+    module says (None: no vector index).
 
     >>> import asyncio
     >>> async def main() -> dict[str, object] | None:
@@ -163,25 +177,31 @@ async def async_store(target: str | Path | None = None) -> AsyncIterator[BaseSto
     {'value': 'fr'}
     """
     backend, where = _resolve(target, "store")
+    config = _index(index, backend)
     if backend == "sqlite":
         from langgraph.store.sqlite.aio import AsyncSqliteStore
 
-        async with _aiosqlite_connect(where, autocommit=True) as conn:
-            sqlite_store = AsyncSqliteStore(conn)
+        opened = _aiosqlite_vectors(where) if config else _aiosqlite_connect(where, autocommit=True)
+        async with opened as conn:
+            sqlite_store = AsyncSqliteStore(conn, index=cast("Any", config))
             await sqlite_store.setup()
             yield sqlite_store
         return
     from langgraph.store.postgres.aio import AsyncPostgresStore
 
     async with _async_pool(where) as pool:
-        postgres = AsyncPostgresStore(pool)
+        if config:
+            async with pool.connection() as pg:
+                rows = await (await pg.execute(_HAS_PGVECTOR)).fetchall()
+            config = _pg_index(config, bool(rows), index, where)
+        postgres = AsyncPostgresStore(pool, index=cast("Any", config))
         async with _async_setup_lock(pool):
             await postgres.setup()
         yield postgres
 
 
 @contextmanager
-def store(target: str | Path | None = None) -> Iterator[BaseStore]:
+def store(target: str | Path | None = None, *, index: StoreIndex = None) -> Iterator[BaseStore]:
     """The sync twin of `async_store`: `SqliteStore` or `PostgresStore`, closed on exit.
 
     >>> with store(":memory:") as memory:
@@ -190,12 +210,18 @@ def store(target: str | Path | None = None) -> Iterator[BaseStore]:
     ['lang']
     """
     backend, where = _resolve(target, "store")
+    config = _index(index, backend)
     if backend == "sqlite":
         from langgraph.store.sqlite import SqliteStore
 
-        conn = _sqlite_connect(where, autocommit=True)
+        if config:
+            from keelgraph.graphs.memory import vector_connect
+
+            conn = vector_connect(where)
+        else:
+            conn = _sqlite_connect(where, autocommit=True)
         try:
-            sqlite_store = SqliteStore(conn)
+            sqlite_store = SqliteStore(conn, index=cast("Any", config))
             sqlite_store.setup()
             yield sqlite_store
         finally:
@@ -204,7 +230,11 @@ def store(target: str | Path | None = None) -> Iterator[BaseStore]:
     from langgraph.store.postgres import PostgresStore
 
     with _pool(where) as pool:
-        postgres = PostgresStore(pool)
+        if config:
+            with pool.connection() as pg:
+                has_pgvector = bool(pg.execute(_HAS_PGVECTOR).fetchall())
+            config = _pg_index(config, has_pgvector, index, where)
+        postgres = PostgresStore(pool, index=cast("Any", config))
         with _setup_lock(pool):
             postgres.setup()
         yield postgres
@@ -222,8 +252,37 @@ def default_checkpointer() -> BaseCheckpointSaver[Any]:
 
 def default_store() -> BaseStore:
     """The store that goes with `default_checkpointer()` (threads' archives, long-term memory),
-    open for the process's lifetime: PostgreSQL or `$KEELGRAPH_DATA_DIR/store.db`."""
-    return _OPENED.enter_context(store())
+    open for the process's lifetime: PostgreSQL or `$KEELGRAPH_DATA_DIR/store.db`, with the
+    offline vector index when the memory extra is installed (`index="auto"`)."""
+    return _OPENED.enter_context(store(index="auto"))
+
+
+_HAS_PGVECTOR = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
+
+
+def _index(index: StoreIndex, backend: Literal["sqlite", "postgres"]) -> IndexConfig | None:
+    """The index to open a store with: "auto" is the offline model's when everything it needs is here."""
+    if index != "auto":
+        return index
+    from keelgraph.graphs import memory
+
+    if not memory.memory_available() or (backend == "sqlite" and not memory.sqlite_vectors_available()):
+        return None
+    return memory.index_config()
+
+
+def _pg_index(config: IndexConfig, has_pgvector: bool, asked: StoreIndex, url: str) -> IndexConfig | None:
+    if has_pgvector:
+        return config
+    if asked == "auto":  # recall ranks the vectors kept in the items instead (keelgraph.graphs.memory)
+        return None
+    from keelgraph.graphs.memory import MemoryUnavailable
+
+    raise MemoryUnavailable(
+        f"the PostgreSQL server at {_redact(url)} has no pgvector extension, which a store index needs: "
+        "install it in the server (the postgresql-NN-pgvector package), or open the store with "
+        "index=None or 'auto' (keelgraph.graphs.memory.recall then ranks memories in Python)"
+    )
 
 
 def _resolve(target: str | Path | None, kind: Kind) -> tuple[Literal["sqlite", "postgres"], str]:
@@ -272,6 +331,17 @@ async def _aiosqlite_connect(path: str, *, autocommit: bool = False) -> AsyncIte
     async with aiosqlite.connect(path, timeout=30.0, **autocommits) as conn:
         for pragma in pragmas():
             await conn.execute(pragma)
+        yield conn
+
+
+@asynccontextmanager
+async def _aiosqlite_vectors(path: str) -> AsyncIterator[aiosqlite.Connection]:
+    """An aiosqlite connection over `keelgraph.graphs.memory.vector_connect`: sqlite-vec loadable."""
+    import aiosqlite
+
+    from keelgraph.graphs.memory import vector_connector
+
+    async with aiosqlite.Connection(vector_connector(path), iter_chunk_size=64) as conn:
         yield conn
 
 

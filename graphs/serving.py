@@ -33,6 +33,7 @@ async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[Any]]:
 
 @asynccontextmanager
 async def store() -> AsyncIterator[BaseStore]:
-    """The served graphs' long-term store (`"store": {"path": "./graphs/serving.py:store"}`)."""
-    async with async_store() as opened:
+    """The served graphs' long-term store (`"store": {"path": "./graphs/serving.py:store"}`), searchable
+    by meaning when the memory extra is installed (`index="auto"`, see `keelgraph.graphs.memory`)."""
+    async with async_store(index="auto") as opened:
         yield opened

@@ -65,6 +65,8 @@ class Stats(TypedDict):
     """Model calls answered from the graph's response cache (not counted in `model_calls`)."""
     cache_misses: int
     """Cacheable model calls the cache did not hold (made, and counted in `model_calls`)."""
+    cost: float
+    """What the turn's model replies cost, at the graph's `prices` (0 without prices)."""
 
 
 def _storable_request(value: Any) -> Any:
@@ -107,7 +109,8 @@ class State(InputState, OutputState, total=False):
     """Everything a thread keeps between nodes and turns."""
 
     messages: Annotated[list[AnyMessage], add_messages]
-    """The conversation, tool calls and repairs included; each message is tagged by kind."""
+    """The conversation, tool calls and repairs included; each message is tagged by kind. With a
+    store, only the turn in progress: earlier turns are in the thread's archive."""
     input: dict[str, Any] | None
     """This turn's request after validation."""
     attempts: list[dict[str, Any]]
@@ -130,7 +133,10 @@ class State(InputState, OutputState, total=False):
     turn: int
     """Turns this thread has had (each request, valid or not, starts one)."""
     archived_turns: int
-    """Turns already copied, whole, to the thread's archive (see `keelgraph.graphs.history`)."""
+    """Turns already moved, whole, to the thread's archive (see `keelgraph.graphs.history`)."""
+    archive_head: str
+    """The digest of the newest archived turn: where reading the earlier turns back from the
+    archive starts (see `keelgraph.graphs.history.recent_history`)."""
     thread_tool_calls: int
     """Tool calls run in this thread, over all its turns (for `max_thread_tool_calls`)."""
     usage: Annotated[dict[str, int], add_usage]

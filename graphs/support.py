@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,11 +16,13 @@ from typing import Annotated, Any, Literal
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from keelgraph.contracts.contract import CheckContext, Contract
 from keelgraph.graphs.builder import build_graph
+from keelgraph.graphs.memory import recall, remember
 from keelgraph.graphs.nodes import ModelSource
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.testing import ScriptedChatModel
@@ -33,6 +37,7 @@ __all__ = [
     "make_tools",
     "scripted_desk",
     "seed_database",
+    "stated_preferences",
 ]
 
 Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=2000)]
@@ -74,6 +79,7 @@ their orders. The request is JSON: customer_id (the customer) and message (what 
 - When the customer reports a problem with an order (damaged, missing, wants a refund), call open_ticket.
 - Answer the customer's question directly with facts from the tool results: order id, status, items.
 - Only mention orders you saw in a tool result or earlier in this conversation, by their order id.
+- What the customer asked us to remember in earlier conversations is listed too: follow it.
 - Keep the reply short and friendly."""
 
 _CUSTOMERS = [
@@ -160,6 +166,14 @@ _TICKET_CLAIM = re.compile(
 _STATUSES = ("processing", "shipped", "delivered", "cancelled")
 
 
+_NEGATED = re.compile(r"(\bnot|n't|\bnever|\bno longer)\s+(yet\s+|been\s+|be\s+)?$")
+
+
+def _asserts(word: str, sentence: str) -> bool:
+    """Whether `sentence` states `word` (a status) of its order: "was not delivered" does not."""
+    return any(not _NEGATED.search(sentence[: m.start()]) for m in re.finditer(rf"\b{word}", sentence))
+
+
 def reports_problem(request: Mapping[str, Any]) -> bool:
     """Whether the customer reports a problem: only then may the assistant open a ticket."""
     return bool(_PROBLEM_WORDS.search(str(request.get("message", ""))))
@@ -189,11 +203,94 @@ def _ticket_key(args: Mapping[str, Any], ctx: GuardContext) -> str:
     return f"ticket:{args['customer_id']}:{args['order_id']}:{args['kind']}"
 
 
-def make_tools(db_path: Path, *, ticket_approval: Approval = "always") -> list[BaseTool]:
-    """The desk's tools over the database at `db_path`: one read tool and one write tool.
+_PREFERENCE = re.compile(
+    r"\bi(?: would|'d)? (?:prefer|rather)\b"
+    r"|\bplease (?:always|never|only|don't|do not)\b"
+    r"|\b(?:always|never|only) (?:contact|call|phone|e-?mail|text|write|ship|send|deliver|use)\b"
+    r"|\b(?:don't|do not) (?:call|phone|e-?mail|text|ship|send)\b"
+    r"|\bfrom now on\b|\bin (?:the )?future\b",
+    re.IGNORECASE,
+)
+
+
+def stated_preferences(message: str) -> list[str]:
+    """The sentences of `message` that state a lasting preference, to remember for the customer.
+
+    Deterministic on purpose: a 0.5B model asked to call a "remember" tool forgets to, or calls it
+    for anything; these phrasings are what customers write.
+
+    >>> stated_preferences("Where is order 1002? Please always contact me by email, not phone.")
+    ['Please always contact me by email, not phone.']
+    >>> stated_preferences("I prefer DHL")
+    ['I prefer DHL']
+    """
+    sentences = re.split(r"(?<=[.!?;])\s+|\n", message)
+    return [s.strip() for s in sentences if _PREFERENCE.search(s)]
+
+
+class CustomerMemoryArgs(BaseModel):
+    customer_id: int = Field(ge=1, description="The customer's id")
+    message: str = Field(min_length=1, max_length=2000, description="What the customer wrote")
+
+
+def present_memories(result: Mapping[str, Any]) -> str:
+    if not result["memories"]:
+        return "Nothing remembered about this customer from earlier conversations."
+    lines = ["The customer asked us earlier to remember (follow it):"]
+    return "\n".join([*lines, *(f"- {text}" for text in result["memories"])])
+
+
+MemorySource = BaseStore | Callable[[], BaseStore]
+"""The store of the customers' memories, or a function that opens it at first use."""
+
+
+def _memory_tool(memory: MemorySource) -> BaseTool:
+    opened: list[BaseStore] = []
+    lock = threading.Lock()
+
+    def memory_store() -> BaseStore:
+        with lock:
+            if not opened:
+                opened.append(memory if isinstance(memory, BaseStore) else memory())
+            return opened[0]
+
+    def customer_memory(customer_id: int, message: str) -> dict[str, Any]:
+        store = memory_store()
+        saved = [remember(store, customer_id, text).text for text in stated_preferences(message)]
+        found = recall(store, customer_id, message, limit=3)
+        return {"memories": [m.text for m in found], "remembered": saved}
+
+    tool = StructuredTool.from_function(
+        customer_memory,
+        name="customer_memory",
+        description="Remember the preferences the customer states; recall those relevant to the message.",
+        args_schema=CustomerMemoryArgs,
+    )
+    # Run by the graph at the start of every turn, never offered to the model. A write (it keeps
+    # preferences), idempotent: the same preference is kept once (`keelgraph.graphs.memory.remember`).
+    return with_policy(
+        tool,
+        side_effect="write",
+        idempotent=True,
+        timeout_s=30,  # the first call of a process loads the embedding model
+        from_input=("customer_id", "message"),
+        preload=True,
+        offer_when=lambda request: False,
+        present=present_memories,
+    )
+
+
+def make_tools(
+    db_path: Path, *, ticket_approval: Approval = "always", memory: MemorySource | None = None
+) -> list[BaseTool]:
+    """The desk's tools over the database at `db_path`: one read tool and one write tool, and with
+    a `memory` store the customers' long-term memory (`customer_memory`, preloaded every turn).
 
     Opening a ticket needs a person's approval (`ticket_approval`) and happens once per order and
     kind: the shop keeps one ticket per order and kind, and the effect ledger replays the first.
+    A preference the customer states ("Please always contact me by email") is kept under the
+    customer in `memory`, and every later turn, in any thread, is shown the customer's memories
+    nearest in meaning to its message (`keelgraph.graphs.memory.recall`).
     """
 
     def list_orders(customer_id: int) -> dict[str, Any]:
@@ -253,7 +350,7 @@ def make_tools(db_path: Path, *, ticket_approval: Approval = "always") -> list[B
         description="Open a support ticket about one of the customer's orders (damaged, missing, refund, other).",
         args_schema=OpenTicketArgs,
     )
-    return [
+    tools = [
         with_policy(
             lister,
             side_effect="read",
@@ -274,6 +371,9 @@ def make_tools(db_path: Path, *, ticket_approval: Approval = "always") -> list[B
             idempotent=True,
         ),
     ]
+    # The memories first: the orders, what most answers are about, stay nearest the model's turn
+    # (with the memories last, the 0.5B model echoed "Nothing remembered..." as its reply).
+    return [_memory_tool(memory), *tools] if memory is not None else tools
 
 
 def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
@@ -343,7 +443,7 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
                 continue  # facts are attributed only where one order is named
             order = named[0]
             for word in _STATUSES:
-                if word != order["status"] and re.search(rf"\b{word}", sentence):
+                if word != order["status"] and _asserts(word, sentence):
                     problems.append(f"order {order['order_id']} is {order['status']}, not {word}")
             total = order["total"].split()[0]
             for amount in re.findall(r"\b\d+\.\d{2}\b", sentence):
@@ -369,21 +469,44 @@ def make_graph(
     checkpointer: Checkpointer | Literal["default"] = "default",
     ticket_approval: Approval = "always",
     effects: EffectLedger | Literal["default"] | None = "default",
+    instructions: str | None = None,
+    memory: BaseStore | Literal["default"] | None = "default",
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """The order-support graph over the shop database (seeded on first use).
 
     A ticket waits for a person's approval (an `interrupt`; `keelgraph approve` resumes it).
+    `memory` keeps what customers ask the desk to remember, across their threads: "default" is
+    the default store (`keelgraph.graphs.persistence.default_store`: semantic search when the
+    memory extra is installed), which a served graph opens at its first turn; None turns it off.
+    `instructions` replaces the desk's system instructions (to evaluate a new prompt with
+    `keelgraph eval --instructions`).
     """
     from keelgraph.settings import Settings
 
     path = db_path or Settings.from_env().data_dir / "shop.db"
     seed_database(path)
+    contract = make_contract(path)
+    if instructions is not None:
+        contract = dataclasses.replace(contract, instructions=instructions)
+    graph_store: BaseStore | Literal["default"] = "default"
+    source: MemorySource | None = None
+    if isinstance(memory, BaseStore):
+        source = memory
+        graph_store = memory if checkpointer is not None else "default"  # a served graph gets none
+    elif memory == "default":
+        from keelgraph.graphs.persistence import default_store
+
+        if checkpointer == "default":  # the graph's own store, opened once
+            graph_store = source = default_store()
+        else:  # served (same target as graphs/serving.py) or own checkpointer: opened at first use
+            source = default_store
     return build_graph(
-        make_contract(path),
-        make_tools(path, ticket_approval=ticket_approval),
+        contract,
+        make_tools(path, ticket_approval=ticket_approval, memory=source),
         model=model,
         checkpointer=checkpointer,
         effects=effects,
+        store=graph_store,
         name="support",
     )
 

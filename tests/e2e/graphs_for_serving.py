@@ -1,6 +1,7 @@
 """Served test graphs: one whose model always breaks the contract (RepairExhausted over HTTP, as
-data), one whose write tool needs a person's approval (interrupt and resume over HTTP), and the
-main graph with its scripted model (deterministic and instant: auth, restarts, load)."""
+data), one whose write tool needs a person's approval (interrupt and resume over HTTP), one that
+says which requests its model was shown (memory across runs), and the main graph with its scripted
+model (deterministic and instant: auth, restarts, load)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,21 @@ approval = build_graph(
     checkpointer=None,
     name="approval",
 )
+
+
+def _recount(messages: list[BaseMessage]) -> dict[str, Any]:
+    asked = [str(m.content) for m in messages if isinstance(m, HumanMessage) and "order_id" in str(m.content)]
+    return answer(reply=f"shown {len(asked)} requests: {' | '.join(asked)}")
+
+
+memory = build_graph(
+    Contract(input=Ask, output=Done, instructions="Say what you were asked."),
+    model=ScriptedChatModel([_recount], repeat_last=True),
+    strategy="json_object",
+    checkpointer=None,
+    name="memory",
+)
+"""Answers with the requests its model was shown: earlier turns come back from the server's store."""
 
 
 support_scripted = make_graph(model=scripted_desk(), checkpointer=None)

@@ -14,7 +14,8 @@ README = (Path(__file__).parents[2] / "README.md").read_text()
 
 def test_readme_python_example(model_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README, re.DOTALL)
-    assert len(blocks) == 2  # the second, a served-graph client, runs in tests/e2e/test_served_auth.py
+    assert len(blocks) == 3  # the second, a served-graph client, runs in tests/e2e/test_served_auth.py,
+    # the third (long-term memory) in tests/test_memory.py
     monkeypatch.setenv("KEELGRAPH_BASE_URL", model_server)
     monkeypatch.setenv("KEELGRAPH_MODEL", "qwen2.5-coder-0.5b-instruct")
     monkeypatch.setenv("KEELGRAPH_OUTPUT_STRATEGY", "json_object")

@@ -35,7 +35,7 @@ def served(model_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # its thread pickles beside the config); the repository's auth, checkpointer and store.
     env["KEELGRAPH_AUTH_TOKENS"] = str(tmp / "tokens.json")
     token = TokenFile(tmp / "tokens.json").create("tester")
-    extra = {name: f"tests/e2e/graphs_for_serving.py:{name}" for name in ("failing", "approval")}
+    extra = {name: f"tests/e2e/graphs_for_serving.py:{name}" for name in ("failing", "approval", "memory")}
     config = write_config(tmp, ROOT / "langgraph.json", extra_graphs=extra)
     with DevServer(config, env=env, log=tmp / "langgraph-dev.log") as server:
         yield server.url, token
@@ -104,9 +104,22 @@ async def test_memory_across_runs(client: LangGraphClient) -> None:
     await ask(client, thread, {"customer_id": 2, "message": first})
     result = await ask(client, thread, {"customer_id": 2, "message": second})
     assert result["status"] in {"ok", "failed"}, result.get("error")  # a valid request: never rejected
-    kept = await messages(client, thread)
-    for text in (first, second):
-        assert any(text in str(m.get("content")) for m in kept), text
+    assert any(second in str(m.get("content")) for m in await messages(client, thread))
+    # The first turn left the state for the thread's archive in the server's store (the model is
+    # still shown it: see the next test); the thread's checkpoints keep it too.
+    history = await client.threads.get_history(thread, limit=50)
+    said = [str(c["values"]) for c in history]
+    assert any(first in text for text in said)
+
+
+async def test_the_model_is_shown_earlier_runs_of_the_thread(client: LangGraphClient) -> None:
+    thread = await new_thread(client)
+    for order in (11, 12, 13):
+        result = await client.runs.wait(thread, "memory", input={"request": {"order_id": order}})
+        assert isinstance(result, dict) and result["status"] == "ok", result
+    reply = result["output"]["reply"]
+    assert reply.startswith("shown 3 requests:") and all(str(n) in reply for n in (11, 12, 13)), reply
+    assert not keeps(await messages(client, thread), {"order_id": 11})  # the state holds one turn
 
 
 @pytest.mark.parametrize(
@@ -152,6 +165,24 @@ async def test_streaming_node_updates(client: LangGraphClient) -> None:
     state = await client.threads.get_state(thread)
     assert isinstance(state["values"], dict)
     assert state["values"]["status"] in {"ok", "failed"}
+
+
+async def test_streaming_model_tokens(client: LangGraphClient) -> None:
+    """Tokens of the model's reply reach the client as they are generated (`messages-tuple`)."""
+    thread = await new_thread(client)
+    pieces: list[str] = []
+    async for part in client.runs.stream(
+        thread,
+        GRAPH,
+        input={"request": {"customer_id": 1, "message": "Where is my order 1002?"}},
+        stream_mode="messages-tuple",
+    ):
+        if part.event == "messages" and isinstance(part.data, list) and len(part.data) == 2:
+            chunk, meta = part.data
+            if meta.get("langgraph_node") == "reason" and chunk.get("content"):
+                pieces.append(str(chunk["content"]))
+    assert len(pieces) > 3, pieces  # token by token, not one message at the end
+    assert '"reply"' in "".join(pieces) or '"action"' in "".join(pieces)
 
 
 async def test_exhausted_repairs_are_structured_data_over_http(client: LangGraphClient) -> None:
