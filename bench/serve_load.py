@@ -90,6 +90,21 @@ def _sent_texts(values: dict[str, Any], graph: str) -> list[str]:
     return found
 
 
+def _turn_requests(history: list[Any]) -> list[str]:
+    """The message of each finished turn's request, in turn order, from a keelgraph thread's
+    checkpoints (a turn's last checkpoint has nothing next; the one written when the next request
+    arrives still carries the previous turn's number, so only finished turns are read)."""
+    by_turn: dict[int, str] = {}
+    for checkpoint in history:
+        values = checkpoint["values"] if isinstance(checkpoint["values"], dict) else {}
+        if checkpoint.get("next"):
+            continue
+        request, turn = values.get("request"), values.get("turn")
+        if isinstance(turn, int) and isinstance(request, dict):
+            by_turn.setdefault(turn, str(request.get("message", "")))
+    return [by_turn[t] for t in sorted(by_turn)]
+
+
 async def _client(
     url: str, token: str, graph: str, *, client: int, runs: int, result: Result, done: list[int]
 ) -> None:
@@ -106,9 +121,14 @@ async def _client(
             result.latencies_s.append(time.perf_counter() - started)
             done[0] += 1
         # Audit the thread: each request exactly once, in order; each run listed once and successful.
-        state = await api.threads.get_state(thread_id)
-        values = state["values"] if isinstance(state["values"], dict) else {}
-        sent = _sent_texts(values, graph)
+        if graph == "support":
+            # keelgraph's state holds the turn in progress (earlier turns move to the thread's
+            # archive): each turn's request is read from the thread's checkpoints, by turn number.
+            history = await api.threads.get_history(thread_id, limit=runs * 12 + 10)
+            sent = _turn_requests(history)
+        else:
+            state = await api.threads.get_state(thread_id)
+            sent = _sent_texts(state["values"] if isinstance(state["values"], dict) else {}, graph)
         expected = [_request(graph, client, i) for i in range(runs)]
         wanted = [
             e["request"]["message"] if graph == "support" else e["messages"][0]["content"] for e in expected
