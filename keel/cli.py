@@ -168,6 +168,7 @@ def _eval(args: argparse.Namespace) -> int:
         thresholds=_thresholds(args.threshold or []),
         factory_args=kwargs,
         meta=meta,
+        min_correct=args.min_correct,
     )
 
 
@@ -326,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="contract|correct (drop in rate), repairs (rise per turn), tokens|latency (relative rise)",
     )
     ev.add_argument("--case", action="append", help="run only this case id (repeatable)")
+    ev.add_argument(
+        "--min-correct",
+        type=float,
+        metavar="RATE",
+        help="also exit 1 when fewer turns than this are correct (0..1), with or without a baseline",
+    )
     ev.add_argument(
         "--replay",
         action="append",

@@ -80,6 +80,11 @@ are drops in rate (0.10 = ten points), `repairs` a rise in repairs per turn, `to
 latency also moves with the machine's load, so its default catches only gross slowdowns)."""
 
 
+LATENCY_FLOOR_S = 0.5
+"""A median latency that grew by less than this many seconds is never a regression: below it,
+machine load moves the number more than any change to the graph does."""
+
+
 @dataclass(frozen=True)
 class Turn:
     """One request of a case and what must come of it."""
@@ -421,8 +426,9 @@ def compare(
             found.append(Regression(metric, base[metric], now[metric], f"a drop of {limits[metric]:.2f}"))
     if now["repairs"] - base["repairs"] > limits["repairs"] + 1e-9:
         found.append(Regression("repairs", base["repairs"], now["repairs"], f"+{limits['repairs']} per turn"))
-    for metric, key in (("tokens", "tokens"), ("latency", "latency_p50")):
-        if base[key] > 0 and now[key] > base[key] * (1 + limits[metric]) + 1e-9:
+    for metric, key, floor in (("tokens", "tokens", 0.0), ("latency", "latency_p50", LATENCY_FLOOR_S)):
+        grew = now[key] - base[key]
+        if base[key] > 0 and now[key] > base[key] * (1 + limits[metric]) + 1e-9 and grew > floor:
             found.append(Regression(key, base[key], now[key], f"+{limits[metric]:.0%}"))
     if now.get("crashed", 0) > base.get("crashed", 0):
         found.append(
@@ -559,6 +565,7 @@ def run_cli(
     thresholds: Mapping[str, float] | None = None,
     factory_args: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
+    min_correct: float | None = None,
     print_: Callable[[str], None] = print,
 ) -> int:
     """What `keelgraph eval` does once its arguments are read; returns the exit code."""
@@ -573,8 +580,13 @@ def run_cli(
     if save_baseline:
         write_report(report, save_baseline)
         print_(f"baseline saved: {save_baseline}")
+    below = min_correct is not None and report["summary"]["correct"] < min_correct - 1e-9
+    if below:
+        print_(
+            f"BELOW --min-correct: {report['summary']['correct']:.1%} of turns correct, {min_correct:.1%} required"
+        )
     if base is None:
-        return 0
+        return 1 if below else 0
     if base.get("dataset_sha") != report["dataset_sha"]:
         print_("note: the baseline was taken on a different version of the dataset")
     regressions = compare(report, base, thresholds)
@@ -585,4 +597,4 @@ def run_cli(
         print_("REGRESSION against the baseline:\n" + "\n".join(f"  - {r}" for r in regressions))
         return 1
     print_("no regression against the baseline")
-    return 0
+    return 1 if below else 0

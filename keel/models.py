@@ -216,9 +216,9 @@ def ensure_model_file(settings: Settings | None = None, progress: Progress | Non
         return target
 
 
-def _answers(url: str, model_name: str) -> bool:
+def _answers(url: str, model_name: str, timeout_s: float = 2.0) -> bool:
     try:
-        reply = httpx.get(f"{url}/models", timeout=2.0)
+        reply = httpx.get(f"{url}/models", timeout=timeout_s)
         ids = [m.get("id") for m in reply.json().get("data", [])]
     except (httpx.HTTPError, ValueError, AttributeError):
         return False
@@ -265,6 +265,11 @@ class LocalModelServer:
             if _answers(self.url, name):
                 return self.url
             if not port_free(self.port):
+                # Something listens there. A model server busy generating (llama.cpp serves one
+                # request at a time, slower still on a loaded machine) can take a while to answer:
+                # wait for it rather than start a second server that would compete for the cores.
+                if _answers(self.url, name, timeout_s=30.0):
+                    return self.url
                 self.port = free_port()
             log = self.settings.cache_dir / f"llama-server-{self.port}.log"
             cmd = [

@@ -263,6 +263,8 @@ def test_thresholds_decide_what_is_a_regression() -> None:
     assert [r.metric for r in compare(report(0.9, 700, 2.0), base)] == ["tokens"]
     assert [r.metric for r in compare(report(0.9, 500, 6.5), base)] == ["latency_p50"]
     assert compare(report(0.9, 500, 6.5), base, {"latency": 3.0}) == []
+    fast = report(0.9, 500, 0.02)
+    assert compare(report(0.9, 500, 0.4), fast) == []  # 20x, but 0.38 s: load, not drift
     assert [r.metric for r in compare(report(0.85, 500, 2.0), base, {"correct": 0.01})] == ["correct"]
     with pytest.raises(UserError, match="unknown threshold"):
         compare(base, base, {"speed": 1.0})
@@ -409,6 +411,44 @@ def test_cli_refuses_a_graph_it_cannot_load_or_instruct(
     not_a_report.write_text("[1, 2]")
     assert main(_eval(tmp_path, "--baseline", str(not_a_report))) == 1
     assert "is not an eval report" in capsys.readouterr().err
+
+
+def persistent(*, checkpointer: Any = None, effects: Any = None, instructions: str | None = None) -> Any:
+    """`make` whose threads live in a SQLite file when no checkpointer is given (as deployed)."""
+    import os
+
+    from keelgraph import sqlite_checkpointer
+
+    saver = checkpointer or sqlite_checkpointer(Path(os.environ["EVAL_TEST_THREADS"]))
+    return make(checkpointer=saver, effects=effects, instructions=instructions)
+
+
+def test_cli_replays_recorded_threads_against_a_new_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EVAL_TEST_THREADS", str(tmp_path / "threads.db"))
+    deployed = persistent()
+    for city in ("Oslo", "Cairo"):
+        deployed.invoke({"request": {"city": city}}, {"configurable": {"thread_id": "real-1"}})
+    replay = [
+        "eval",
+        "--graph",
+        "tests.test_eval:persistent",
+        "--replay",
+        "real-1",
+        "--out",
+        str(tmp_path / "r.json"),
+    ]
+    assert main([*replay, "--min-correct", "1"]) == 0
+    assert "| replay-real-1 | 2 | ok,ok | yes |" in capsys.readouterr().out
+    assert main([*replay, "--min-correct", "1", "--instructions", "careless"]) == 1
+    shown = capsys.readouterr().out
+    assert "BELOW --min-correct: 0.0% of turns correct, 100.0% required" in shown
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["dataset"] == "replay:real-1"
+    assert report["cases"][0]["turns"][0]["failures"][0].startswith("status failed, expected ok")
+    assert main([*replay[:-2], "--replay", "nobody"]) == 1
+    assert "thread 'nobody' has no finished turns" in capsys.readouterr().err
 
 
 def test_the_main_jobs_dataset_is_valid() -> None:
