@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold",
         action="append",
         metavar="NAME=VALUE",
-        help="contract|correct (drop in rate), repairs (rise per turn), tokens|latency (relative rise)",
+        help="contract|correct (drop in rate), repairs (rise per turn), tokens (relative rise); "
+        "latency (relative rise of the median turn) is compared only when given",
     )
     ev.add_argument("--case", action="append", help="run only this case id (repeatable)")
     ev.add_argument(

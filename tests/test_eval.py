@@ -261,10 +261,11 @@ def test_thresholds_decide_what_is_a_regression() -> None:
     assert compare(report(0.8, 500, 2.0), base) == []  # a ten-point drop is allowed by default
     assert [r.metric for r in compare(report(0.79, 500, 2.0), base)] == ["correct"]
     assert [r.metric for r in compare(report(0.9, 700, 2.0), base)] == ["tokens"]
-    assert [r.metric for r in compare(report(0.9, 500, 6.5), base)] == ["latency_p50"]
+    assert compare(report(0.9, 500, 60.0), base) == []  # latency only when asked: load moves it
+    assert [r.metric for r in compare(report(0.9, 500, 6.5), base, {"latency": 2.0})] == ["latency_p50"]
     assert compare(report(0.9, 500, 6.5), base, {"latency": 3.0}) == []
     fast = report(0.9, 500, 0.02)
-    assert compare(report(0.9, 500, 0.4), fast) == []  # 20x, but 0.38 s: load, not drift
+    assert compare(report(0.9, 500, 0.4), fast, {"latency": 1.0}) == []  # 20x, but 0.38 s: noise
     assert [r.metric for r in compare(report(0.85, 500, 2.0), base, {"correct": 0.01})] == ["correct"]
     with pytest.raises(UserError, match="unknown threshold"):
         compare(base, base, {"speed": 1.0})
