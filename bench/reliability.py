@@ -185,7 +185,8 @@ def run_keelgraph(family: Family, task: Task, llm: ChatOpenAI, meter: Meter) -> 
     graph = build_graph(family.contract, family.tools, model=llm, checkpointer=None)
     result = graph.invoke({"request": task.request}, config={"callbacks": [meter]})
     if result["status"] != "ok":
-        return Outcome(False, False, None, json.dumps(result.get("error"))[:800])
+        # Every attempt's raw output and problems: what a failure analysis needs.
+        return Outcome(False, False, None, json.dumps(result.get("error"))[:8000])
     return Outcome(True, correct(task, result["output"]), result["output"], None)
 
 
@@ -250,13 +251,19 @@ def summarize(runs: Sequence[dict[str, Any]], repeats: int) -> dict[str, Any]:
     return summary
 
 
+def _ordered(blocks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Blocks by temperature, then in the order of METHODS (whatever order they ran in)."""
+    rank = {m: i for i, m in enumerate(METHODS)}
+    return sorted(blocks, key=lambda b: (b["temperature"], rank.get(b["method"], len(rank))))
+
+
 def table(results: Mapping[str, Any]) -> str:
     repeats = results["config"]["repeats"]
     lines = [
         f"| method | temp | valid | pass^1 | pass^{repeats} | model calls / task | tokens / task | s / task |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for block in results["blocks"]:
+    for block in _ordered(results["blocks"]):
         s = block["summary"]
         five = s.get(f"pass^{repeats}")
         lines.append(
@@ -279,7 +286,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(temps), figsize=(5.5 * len(temps), 4), squeeze=False)
     colors = {"bare": "#9e9e9e", "langchain": "#4e79a7", "keelgraph": "#e15759"}
     for ax, temp in zip(axes[0], temps, strict=True):
-        blocks = [b for b in results["blocks"] if b["temperature"] == temp]
+        blocks = [b for b in _ordered(results["blocks"]) if b["temperature"] == temp]
         names = [*metrics, (f"pass^{repeats}", f"pass^{repeats}")] if temp > 0 and repeats > 1 else metrics
         width = 0.8 / max(1, len(blocks))
         for i, block in enumerate(blocks):
@@ -299,9 +306,15 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 
 
 def run_all(
-    chosen: Sequence[Task], methods: Sequence[str], schedule: Sequence[tuple[float, int]], settings: Settings
+    chosen: Sequence[Task],
+    methods: Sequence[str],
+    schedule: Sequence[tuple[float, int]],
+    settings: Settings,
+    partial: Path | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Every method on every task, method by method (so the server's prompt cache helps each alike)."""
+    """Every method on every task, method by method (so the server's prompt cache helps each alike).
+
+    Each run is also appended to `partial` (JSON lines) as it ends, so a cut-off run keeps its data."""
     fams = families()
     total = sum(len(chosen) * reps for _, reps in schedule) * len(methods)
     blocks: list[dict[str, Any]] = []
@@ -314,6 +327,12 @@ def run_all(
                     for _ in range(repeats):
                         llm = _model(server.url, settings.model, temperature)
                         runs.append(run_one(method, fams[task.family], task, llm))
+                        if partial is not None:
+                            with partial.open("a") as f:
+                                f.write(
+                                    json.dumps({"method": method, "temperature": temperature, **runs[-1]})
+                                    + "\n"
+                                )
                         if "Connection" in str(runs[-1]["error"]) and not _alive(server.url):
                             # A request can crash the server (a bad grammar did): restart and count it.
                             restarts += 1
@@ -347,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--families", default="extraction,tools,facts")
     parser.add_argument("--limit", type=int, default=0, help="at most this many tasks per family")
+    parser.add_argument("--tasks", default="", help="only these task ids (comma-separated), for a quick look")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -360,9 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.families.split(","):
         in_family = [t for t in tasks(args.seed) if t.family == name]
         chosen += in_family[: args.limit] if args.limit else in_family
+    if args.tasks:
+        chosen = [t for t in chosen if t.id in args.tasks.split(",")]
     settings = Settings.from_env()
     args.out.mkdir(parents=True, exist_ok=True)
-    schedule = [(0.0, 1), (args.temperature, args.repeats)]
+    schedule = [(0.0, 1), (args.temperature, args.repeats)] if args.repeats else [(0.0, 1)]
     started = time.perf_counter()
     results: dict[str, Any] = {
         "config": {
@@ -377,7 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "blocks": [],
     }
-    blocks, restarts = run_all(chosen, methods, schedule, settings)
+    partial = args.out / "reliability.partial.jsonl"
+    partial.unlink(missing_ok=True)
+    blocks, restarts = run_all(chosen, methods, schedule, settings, partial)
+    partial.unlink(missing_ok=True)  # the complete results follow
     results["blocks"] = blocks
     results["config"]["server_restarts"] = restarts
     results["config"]["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)

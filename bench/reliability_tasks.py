@@ -22,6 +22,7 @@ from langchain_core.tools import BaseTool, tool
 from pydantic import BaseModel, Field
 
 from keelgraph import CheckContext, Contract
+from keelgraph.contracts.evidence import not_copied
 from keelgraph.tools import GuardContext, with_policy
 
 SEED = 20261124
@@ -51,18 +52,23 @@ Product = Literal[
 
 
 class LineItem(BaseModel):
-    product: Product = Field(description="the catalog name of the product")
+    # The quantity first, as customers write it ("four espresso cups"), so the model reads them in order.
     quantity: int = Field(ge=1, le=20, description="how many the customer wants")
+    product: Product = Field(description="the catalog name of the product")
 
 
 class Address(BaseModel):
-    street: str = Field(min_length=3, description="street and house number")
+    street: str = Field(min_length=3, pattern=r"^[^,]+$", description="street and house number, nothing else")
     city: str = Field(min_length=2, pattern=r"^[^0-9]+$", description="the city name alone, no postcode")
     postcode: str = Field(pattern=r"^\d{5}$", description="five digits")
 
 
 class OrderRequest(BaseModel):
-    customer_name: str = Field(min_length=3, description="full name of the customer")
+    # No digits, "@", dots or brackets: the name alone, not the address around it. (A pattern that
+    # demands a second word made the 0.5B model run on without a space until its token cap.)
+    customer_name: str = Field(
+        min_length=3, pattern=r"^[^0-9@()_,.]+$", description="full name of the customer, nothing else"
+    )
     email: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[a-z]+$")
     items: list[LineItem] = Field(min_length=1, max_length=4, description="every product ordered")
     ship_to: Address
@@ -187,14 +193,30 @@ def _quantity_written(n: int, text: str) -> bool:
     )
 
 
+_EMAIL = re.compile(r"[^@\s()<>,;:]+@[^@\s()<>,;:]+\.[a-z]+")
+
+
 def order_choices(ctx: CheckContext[Email]) -> dict[str, list[Any]]:
     """Values an order may hold given its e-mail: the products it names, the quantities it writes
-    (as digits or words). The grammar then keeps the model to them; the check does the rest."""
+    (as digits or words), the e-mail addresses and five-digit postcodes written in it. The grammar
+    then keeps the model to them; the check does the rest."""
     text = ctx.input.text
     return {
         "items.product": [p for p in CATALOG if _mentioned(p, text)],
         "items.quantity": [n for n in range(1, 100) if _quantity_written(n, text)],
+        "email": sorted(set(_EMAIL.findall(text))),
+        "ship_to.postcode": sorted(set(re.findall(r"\b\d{5}\b", text))),
     }
+
+
+def _written_quantity(product: str, text: str) -> int | None:
+    """The quantity written right before a product's name ("two teapots", "3 milk jugs")."""
+    counts = "|".join([r"\d+", *_WORDS.values()])
+    found = re.search(rf"\b({counts})\s+{re.escape(product)}(e?s)?\b", text, re.IGNORECASE)
+    if found is None:
+        return None
+    count = found.group(1).lower()
+    return int(count) if count.isdigit() else next(n for n, w in _WORDS.items() if w == count)
 
 
 def order_matches_email(order: OrderRequest, ctx: CheckContext[Email]) -> list[str]:
@@ -209,21 +231,34 @@ def order_matches_email(order: OrderRequest, ctx: CheckContext[Email]) -> list[s
         ("ship_to.city", order.ship_to.city),
         ("ship_to.postcode", order.ship_to.postcode),
     ):
-        if value.lower() not in low:
-            problems.append(f"{label} {value!r} is not written in the e-mail; copy it exactly")
+        if complaint := not_copied(label, value.strip(), text, source="the e-mail"):
+            problems.append(complaint)
+    street = order.ship_to.street.strip()
+    numbered = re.search(rf"\b\d+[a-z]?\s+{re.escape(street)}", text, re.IGNORECASE)
+    if numbered and not re.search(r"\d", street):
+        problems.append(f"ship_to.street {street!r} leaves out the house number; write {numbered.group()!r}")
     named = [p for p in CATALOG if _mentioned(p, text)]
     got = [item.product for item in order.items]
+    # Each problem starts with the field it is about, so a repair changes that field alone.
     for product in named:
         if product not in got:
-            problems.append(f"the e-mail orders {product!r} but items do not include it")
-    for product in got:
+            problems.append(f"items do not include {product!r}, which the e-mail orders")
+    # A problem with one item names it by index (items.1.quantity): the repair changes that alone.
+    for i, product in enumerate(got):
         if product not in named:
-            problems.append(f"items include {product!r}, which the e-mail does not order")
-    if len(set(got)) != len(got):
-        problems.append("items list a product twice; give each product once with its quantity")
-    for item in order.items:
-        if not _quantity_written(item.quantity, text):
-            problems.append(f"quantity {item.quantity} of {item.product!r} is not written in the e-mail")
+            problems.append(f"items.{i}.product {product!r} is not a product the e-mail orders")
+        elif product in got[:i]:
+            problems.append(f"items.{i} lists {product!r} a second time; give each product once")
+    for i, item in enumerate(order.items):
+        written = _written_quantity(item.product, text)
+        if written is not None and written != item.quantity:
+            problems.append(
+                f"items.{i}.quantity: the e-mail orders {written} of {item.product!r}, not {item.quantity}"
+            )
+        elif not _quantity_written(item.quantity, text):
+            problems.append(
+                f"items.{i}.quantity {item.quantity} of {item.product!r} is not written in the e-mail"
+            )
     if order.gift_wrap and "gift" not in low:
         problems.append("gift_wrap is true but the e-mail does not ask for gift wrapping")
     return problems
@@ -281,11 +316,28 @@ def make_tools() -> list[BaseTool]:
     def ids_from_request(ctx: GuardContext) -> dict[str, list[str]]:
         return {"order_id": re.findall(r"ORD-\d{4}", str(ctx.request.get("text", "")))}
 
+    # Each tool is offered only for requests that hold what it needs: an amount and two currencies,
+    # an order id, a weight and a country. "Has ORD-3897 shipped yet?" offers no shipping quote.
+    def text(request: Mapping[str, Any]) -> str:
+        return str(request.get("text", ""))
+
+    def can_convert(request: Mapping[str, Any]) -> bool:
+        return bool(_numbers(text(request))) and len(set(re.findall(_CURRENCY, text(request)))) >= 2
+
+    def can_track(request: Mapping[str, Any]) -> bool:
+        return re.search(r"ORD-\d{4}", text(request)) is not None
+
+    def can_quote(request: Mapping[str, Any]) -> bool:
+        return bool(_numbers(text(request))) and any(country in text(request) for country in _ZONE)
+
     return [
-        with_policy(convert_currency, choices=amounts_from_request),
-        with_policy(order_status, choices=ids_from_request),
-        with_policy(shipping_quote, choices=weights_from_request),
+        with_policy(convert_currency, choices=amounts_from_request, offer_when=can_convert),
+        with_policy(order_status, choices=ids_from_request, offer_when=can_track),
+        with_policy(shipping_quote, choices=weights_from_request, offer_when=can_quote),
     ]
+
+
+_CURRENCY = re.compile(rf"\b({'|'.join(_PER_USD)})\b")
 
 
 def _numbers(text: str) -> list[float]:
@@ -429,21 +481,49 @@ def render_lookup(lookup: Lookup) -> str:
     return f"Products (sku | name | price | stock):\n{rows}\n\nQuestion: {lookup.question}"
 
 
+def asked_rows(lookup: Lookup) -> list[Row]:
+    """The rows the question names, by sku or by product name (all rows when it names none)."""
+    question = lookup.question.lower()
+    named = [r for r in lookup.table if r.sku.lower() in question or r.name.lower() in question]
+    return named or list(lookup.table)
+
+
+def asked_column(question: str) -> str | None:
+    """The column a question asks for, when its wording says so."""
+    low = question.lower()
+    if re.search(r"\b(price|cost|costs|how much)\b", low):
+        return "price"
+    if re.search(r"\b(stock|how many|in stock)\b", low):
+        return "stock"
+    return None
+
+
 def fact_choices(ctx: CheckContext[Lookup]) -> dict[str, list[Any]]:
-    """A fact cites a row of the table and a value written in it."""
+    """A fact cites a row the question names, and a value written in the table."""
     table = ctx.input.table
-    return {"sku": [r.sku for r in table], "value": sorted({v for r in table for v in (r.price, r.stock)})}
+    return {
+        "sku": [r.sku for r in asked_rows(ctx.input)],
+        "value": sorted({v for r in table for v in (r.price, r.stock)}),
+    }
 
 
 def fact_matches_table(fact: Fact, ctx: CheckContext[Lookup]) -> list[str]:
-    """The cited row exists and the value is the one in the table (a cross-checked fact)."""
+    """The cited row exists and is the one asked about, the column is the one asked for, and the
+    value is the one in the table (a cross-checked fact)."""
     rows = {r.sku: r for r in ctx.input.table}
     row = rows.get(fact.sku)
     if row is None:
-        return [f"{fact.sku} is not in the table; use one of {sorted(rows)}"]
+        return [f"sku {fact.sku} is not in the table; use one of {sorted(rows)}"]
+    asked = asked_rows(ctx.input)
+    if row not in asked:
+        wanted = ", ".join(f"{r.sku} ({r.name})" for r in asked)
+        return [f"sku {fact.sku} is the {row.name}; the question asks about {wanted}"]
+    column = asked_column(ctx.input.question)
+    if column is not None and fact.field != column:
+        return [f"field {fact.field!r} is not what the question asks for; it asks for the {column}"]
     actual = float(getattr(row, fact.field))
     if abs(actual - fact.value) > 0.005:
-        return [f"the {fact.field} of {fact.sku} ({row.name}) is {actual:g}, not {fact.value:g}"]
+        return [f"value: the {fact.field} of {fact.sku} ({row.name}) is {actual:g}, not {fact.value:g}"]
     return []
 
 
@@ -518,6 +598,7 @@ def families() -> dict[str, Family]:
                 checks=[result_comes_from_tool],
                 choices=reply_choices,
                 render=lambda q: q.text,
+                needs_tool=True,  # the answer quotes a tool's result: no answer before a tool ran
                 name="tools",
             ),
             tools=tuple(make_tools()),

@@ -14,6 +14,7 @@ from keelgraph.contracts.errors import (
     UserError,
     explain,
 )
+from keelgraph.contracts.evidence import closest_span, not_copied
 from keelgraph.contracts.parsing import Parsed, ParseError, parse_json
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "RepairExhausted",
     "RunError",
     "UserError",
+    "closest_span",
     "explain",
+    "not_copied",
     "parse_json",
 ]

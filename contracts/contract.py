@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import inspect
 import json
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from keelgraph.contracts.decision import inline_refs
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
 from keelgraph.contracts.parsing import oversized_ints
+from keelgraph.contracts.repair import field_paths, named_field
 
 __all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
 
@@ -35,9 +37,14 @@ class CheckContext(Generic[InT]):
     """The run's `Context` object (user id, knobs), when the graph has one."""
 
 
-CheckResult = str | Iterable[str] | None
+CheckResult = str | Problem | Iterable[str | Problem] | None
 Check = Callable[[OutT, CheckContext[Any]], CheckResult | Awaitable[CheckResult]]
-"""A semantic check: return (or raise `ValueError` with) what is wrong, or None when all is well."""
+"""A semantic check: return (or raise `ValueError` with) what is wrong, or None when all is well.
+
+Say which field is wrong, and a repair can change that field alone: begin the message with the
+field's path (`"gift_wrap is true but the e-mail does not ask for it"`, `"ship_to.city ..."`), or
+return a `Problem` whose `field` is the path (`Problem(field="gift_wrap", reason=..., fix=...)`).
+See `keelgraph.contracts.repair.repair_schema`."""
 
 
 class OutputInvalid(ValueError):
@@ -85,12 +92,53 @@ def _narrow(node: dict[str, Any], path: list[str], values: list[Any]) -> bool:
         return _narrow(node["items"], path, values) or found
     if not path:
         if "anyOf" not in node:
-            node["enum"] = values
+            # Values the field itself refuses (a quantity over its maximum) are not offered: the
+            # grammar would let the model write them, and validation would reject them.
+            node["enum"] = [v for v in values if _admissible(node, v)] or values
         return True
     sub = node.get("properties", {}).get(path[0])
     if isinstance(sub, dict):
         found = _narrow(sub, path[1:], values) or found
     return found
+
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+def _admissible(node: Mapping[str, Any], value: Any) -> bool:
+    """Whether `value` passes the field schema's own type, enum and limits (as far as checked here)."""
+    kind = node.get("type")
+    if isinstance(kind, str) and kind in _TYPES and not _TYPES[kind](value):
+        return False
+    if "enum" in node and value not in node["enum"]:
+        return False
+    if "const" in node and value != node["const"]:
+        return False
+    if _TYPES["number"](value):
+        low, high = node.get("minimum"), node.get("maximum")
+        above, below = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+        if (
+            (low is not None and value < low)
+            or (high is not None and value > high)
+            or (above is not None and value <= above)
+            or (below is not None and value >= below)
+        ):
+            return False
+    if isinstance(value, str):
+        if len(value) < node.get("minLength", 0) or len(value) > node.get("maxLength", len(value)):
+            return False
+        pattern = node.get("pattern")
+        try:
+            if isinstance(pattern, str) and re.search(pattern, value) is None:
+                return False
+        except re.error:  # a dialect Python does not read: validation will judge
+            pass
+    return True
 
 
 def _values_at(data: Any, path: list[str]) -> list[Any]:
@@ -136,6 +184,12 @@ class Contract(Generic[InT, OutT]):
     derive: Callable[[dict[str, Any], CheckContext[InT]], dict[str, Any]] | None = None
     """Fill or correct the answer's fields that the system knows for certain (an id returned
     by a tool, the action that ran) before validation, instead of trusting the model with them."""
+    needs_tool: bool = False
+    """The answer must rest on what a tool returned this turn ("use exactly one tool to get the
+    fact"). Until a tool has returned, the model is offered tool calls only: its step's grammar has
+    no final answer, and native tool calling gets `tool_choice="required"` without the answer tool.
+    When no tool may be offered (none passes `offer_when`, or the tool rounds are spent) the answer
+    is offered as usual, and the checks judge it."""
     name: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -287,6 +341,22 @@ class Contract(Generic[InT, OutT]):
                 result = str(exc)
             if result is None:
                 continue
-            for message in [result] if isinstance(result, str) else list(result):
-                problems.append(Problem(field=f"answer ({name})", reason=message, fix="correct the answer"))
+            for item in [result] if isinstance(result, (str, Problem)) else list(result):
+                problems.append(self._check_problem(item, name))
         return problems
+
+    @functools.cached_property
+    def _field_paths(self) -> set[tuple[str, ...]]:
+        return field_paths(inline_refs(self.output_schema()))
+
+    def _check_problem(self, item: str | Problem, check: str) -> Problem:
+        """A check's complaint as a `Problem` on `answer.<field> (<check>)`, or on `answer (<check>)`
+        when it names no field of the answer."""
+        if isinstance(item, Problem):
+            given = item.field.removeprefix("answer.")
+            path = tuple(p for p in given.split(".") if p and not p.isdigit())
+            where = f"answer.{given}" if path in self._field_paths else "answer"
+            return Problem(field=f"{where} ({check})", reason=item.reason, fix=item.fix)
+        named = named_field(str(item), self._field_paths)
+        where = f"answer.{'.'.join(named)}" if named else "answer"
+        return Problem(field=f"{where} ({check})", reason=str(item), fix="correct the answer")

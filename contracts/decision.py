@@ -50,6 +50,10 @@ class DecisionError(ValueError):
         super().__init__(problem.line())
 
 
+_VALUES = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose contents are JSON values (a pinned answer, say), never to be read as schemas."""
+
+
 def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
     """Resolve local `$ref`s and drop titles: grammar compilers and small models both prefer it."""
     defs = dict(schema.get("$defs", {}))
@@ -67,6 +71,8 @@ def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
             return {
                 k: {name: walk(sub, seen) for name, sub in v.items()}
                 if k == "properties" and isinstance(v, dict)  # field names, not keywords: keep "title"
+                else v
+                if k in _VALUES  # values, not schemas
                 else walk(v, seen)
                 for k, v in node.items()
                 if k not in {"$defs", "title"}
@@ -84,6 +90,11 @@ _SMALL = {"minLength": 16, "minItems": 10, "maxItems": 10}
 """Counted keywords kept in the grammar only up to these sizes (each count becomes rules)."""
 
 _CLASS = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n"}
+JSON_UNSAFE = r'"\\\x00-\x1f'
+"""The characters a negated class or `.` must leave out in a grammar (a quote, a backslash, control
+characters), as the body of a character class. The grammar writes the JSON text of a string, so
+a class that lets `"` through lets the string run on past its end: `[^0-9]+` swallowed the rest of
+the answer and grammar-constrained output came back as invalid JSON."""
 _COUNT = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 
@@ -92,13 +103,18 @@ def grammar_pattern(pattern: str) -> str | None:
 
     The converter copies `\\d` and `\\.` into grammar literals it cannot parse (the server then
     fails or dies), and only takes patterns anchored at both ends. Shorthand classes become
-    explicit ones, escaped punctuation a one-character class; lookarounds, back-references, word
-    boundaries and counts over 32 are left to validation after parsing.
+    explicit ones, escaped punctuation a one-character class; negated classes and `.` leave out
+    `JSON_UNSAFE` (the converter lets them match the string's closing quote); lookarounds,
+    back-references, word boundaries and counts over 32 are left to validation after parsing.
 
     >>> grammar_pattern(r"^\\d{5}$")
     '^[0-9]{5}$'
     >>> grammar_pattern(r"^SKU-\\d{3}\\.x$")
     '^SKU-[0-9]{3}[.]x$'
+    >>> print(grammar_pattern(r"^[^0-9]+$"), grammar_pattern(r"^a.b$"))
+    ^[^0-9"\\\\\\x00-\\x1f]+$ ^a[^"\\\\\\x00-\\x1f]b$
+    >>> grammar_pattern(grammar_pattern(r"^[^0-9]+$")) == grammar_pattern(r"^[^0-9]+$")
+    True
     >>> grammar_pattern(r"\\d+") is None  # unanchored: "contains", not expressible as a grammar
     True
     """
@@ -106,7 +122,9 @@ def grammar_pattern(pattern: str) -> str | None:
         return None
     if any(int(n) > 32 for m in _COUNT.finditer(pattern) for n in m.groups() if n):
         return None
-    out, in_class, i = [], False, 0
+    if JSON_UNSAFE in pattern:  # rewritten already
+        return pattern
+    out, in_class, negated, i = [], False, False, 0
     while i < len(pattern):
         ch = pattern[i]
         if ch == "\\":
@@ -122,12 +140,18 @@ def grammar_pattern(pattern: str) -> str | None:
             i += 2
             continue
         if ch == "[" and not in_class:
-            in_class = True
+            in_class, negated = True, pattern.startswith("[^", i)
+            if pattern.startswith(("[]", "[^]"), i):
+                return None  # a class opening with "]": not worth the risk
         elif ch == "]" and in_class:
             in_class = False
+            if negated:
+                out.append(JSON_UNSAFE)
+        elif ch == "." and not in_class:
+            ch = f"[^{JSON_UNSAFE}]"
         out.append(ch)
         i += 1
-    return "".join(out)
+    return None if in_class else "".join(out)
 
 
 def grammar_safe(schema: Any) -> Any:
@@ -151,6 +175,9 @@ def grammar_safe(schema: Any) -> Any:
             continue
         if key in _GRAMMAR_UNSAFE:
             continue
+        if key in _VALUES:
+            out[key] = value
+            continue
         if key in _SMALL and isinstance(value, int):
             if value <= _SMALL[key]:
                 out[key] = value
@@ -163,10 +190,13 @@ def grammar_safe(schema: Any) -> Any:
     return out
 
 
-def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+def decision_schema(
+    answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, Any]], *, final: bool = True
+) -> dict[str, Any]:
     """JSON schema of one step: `{"action": <tool>, "args": {...}}` or the final answer.
 
     With no tools allowed it is the answer alone, so a grammar-constrained model cannot call one.
+    With `final=False` (and tools allowed) it is a tool call alone: the model must call one first.
     """
     options: list[dict[str, Any]] = [
         {
@@ -176,6 +206,8 @@ def decision_schema(answer: Mapping[str, Any], tools: Mapping[str, Mapping[str, 
         }
         for name, args in tools.items()
     ]
+    if options and not final:
+        return options[0] if len(options) == 1 else {"anyOf": options}
     options.append(
         {
             "type": "object",

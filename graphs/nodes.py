@@ -48,6 +48,7 @@ from keelgraph.contracts.errors import (
     UserError,
 )
 from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
+from keelgraph.contracts.repair import RepairPlan, repair_plan
 from keelgraph.graphs._prompt import (
     Strategy,
     current_turn,
@@ -218,10 +219,29 @@ def _unsupported(error: BaseException) -> bool:
 
 
 REPAIR_TEMPERATURE = 1.0
-"""Repairs resample at this temperature. A small model's next-token distribution is so peaked that
-at 0.5 it wrote its rejected answer again token for token (7 of 10 extraction failures on the 0.5B
-model); at 1.0 two of six such tasks were repaired. Shown its rejected draft, it copied it even at 1.0,
-so drafts stay out of the prompt."""
+"""Repairs that must get away from a greedy answer resample at this temperature. A small model's
+next-token distribution is so peaked that at 0.5 it wrote its rejected answer again token for token;
+at 1.0 two of six such tasks were repaired. Shown its rejected draft, it copied it even at 1.0, so
+drafts stay out of the prompt."""
+
+DECISIVE_REPAIR_TEMPERATURE = 0.0
+"""A repair whose grammar rules the rejected answer out (`RepairPlan.decisive`) cannot write it again,
+so it takes the model's most likely answer among the rest instead of resampling. So does the first
+repair of an answer that was sampled (model temperature above 0, or unknown): the rejected answer
+was a draw, and the model's most likely answer, told what was wrong, is its best one (on the 0.5B
+model at temperature 0.7 extraction repairs at 1.0 broke quantities that had been right)."""
+
+
+def repair_temperature(model: BaseChatModel, plan: RepairPlan | None, attempts: int) -> float | None:
+    """The temperature of the next model call of a turn with `attempts` failed attempts so far
+    (None: the model's own), by the rule of `DECISIVE_REPAIR_TEMPERATURE` and `REPAIR_TEMPERATURE`."""
+    if not attempts:
+        return None
+    if plan is not None and plan.decisive:
+        return DECISIVE_REPAIR_TEMPERATURE
+    own = getattr(model, "temperature", None)
+    sampled = not isinstance(own, (int, float)) or own > 0
+    return DECISIVE_REPAIR_TEMPERATURE if sampled and attempts == 1 else REPAIR_TEMPERATURE
 
 
 def _zero_stats() -> Stats:
@@ -412,9 +432,11 @@ def _bind(
     answer: dict[str, Any],
     allowed: list[BaseTool],
     schemas: dict[str, dict[str, Any]],
+    *,
+    final: bool = True,
 ) -> Runnable[LanguageModelInput, BaseMessage]:
     if strategy == "tool_calling":
-        final = {
+        answer_tool = {
             "type": "function",
             "function": {
                 "name": ANSWER,
@@ -423,8 +445,11 @@ def _bind(
             },
         }
         choice = "required" if allowed else ANSWER
-        return model.bind_tools([*allowed, final], tool_choice=choice)
-    schema = decision_schema(answer, schemas)
+        offered: list[BaseTool | dict[str, Any]] = (
+            [*allowed] if allowed and not final else [*allowed, answer_tool]
+        )
+        return model.bind_tools(offered, tool_choice=choice)
+    schema = decision_schema(answer, schemas, final=final)
     if strategy == "json_object":
         # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server). A
         # bound extra_body replaces the model's own, so keep what it had (an output cap, say).
@@ -618,7 +643,13 @@ def _without(entries: Sequence[dict[str, Any]], message_id: str | None) -> list[
 
 
 def _ask(
-    state: State, spec: AgentSpec, answer: dict[str, Any], allowed: list[BaseTool]
+    state: State,
+    spec: AgentSpec,
+    answer: dict[str, Any],
+    allowed: list[BaseTool],
+    plan: RepairPlan | None = None,
+    *,
+    final: bool = True,
 ) -> tuple[BaseMessage, list[ModelAttempt], _CacheNote]:
     """One model call, with every request it took, answered from the response cache if it holds
     the identical call (see `keelgraph.cache`).
@@ -627,7 +658,9 @@ def _ask(
     active strategy: a transient error is retried on the same model with backoff (see
     `keelgraph.models.ModelChain`), then the next model takes over; when none answers,
     `ModelUnavailable` ends the node. An endpoint that refuses the strategy moves the graph down the
-    strategy chain; any other error is raised as it is.
+    strategy chain; any other error is raised as it is. A repair's `plan` (see `_repair_plan`)
+    gives the answer schema the output format is bound with; the prompt describes `answer`. With
+    `final=False` (and tools allowed) the model may only call a tool (`Contract.needs_tool`).
     """
     from keelgraph.models import ModelUnavailable, is_malformed, is_transient, model_label
 
@@ -644,10 +677,10 @@ def _ask(
             prompt = _prompt(state, spec, answer, allowed, schemas)
             began = time.monotonic()
             try:
-                bound = _bind(model, strategy, answer, allowed, schemas)
-                if state.get("attempts"):
-                    # Resample on repair: at temperature 0 a small model tends to repeat the rejected answer.
-                    bound = bound.bind(temperature=REPAIR_TEMPERATURE)
+                bound = _bind(model, strategy, plan.schema if plan else answer, allowed, schemas, final=final)
+                temperature = repair_temperature(model, plan, len(state.get("attempts") or []))
+                if temperature is not None:
+                    bound = bound.bind(temperature=temperature)
                 note, cached = _cache_lookup(spec, model, bound, prompt)
                 if cached is not None:
                     hit = _record(name, position, began)
@@ -717,6 +750,39 @@ def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: Agent
     return {**out, "messages": [*repairs, *out.get("messages", [])]}
 
 
+def _repair_plan(state: State, spec: AgentSpec, answer: dict[str, Any]) -> RepairPlan | None:
+    """How this call repairs a rejected answer, or None when it does not (see
+    `keelgraph.contracts.repair.repair_plan`): right after an answer was rejected, the fields the
+    problems name lose their rejected values and, when every problem names its field, the others
+    are pinned to what the model wrote. The prompt still describes the plain schema."""
+    messages = state.get("messages", [])
+    attempts = state.get("attempts", [])
+    if not messages or kind_of(messages[-1]) != "repair" or not attempts:
+        return None
+    rejected = [
+        (found, [Problem.model_validate(p) for p in a["problems"]])
+        for a in attempts
+        if (found := _rejected_answer(a, spec)) is not None
+    ]
+    if _rejected_answer(attempts[-1], spec) is None:
+        return None
+    previous, problems = rejected[-1]
+    return repair_plan(inline_refs(answer), previous, problems, earlier=rejected[:-1])
+
+
+def _rejected_answer(attempt: Mapping[str, Any], spec: AgentSpec) -> dict[str, Any] | None:
+    """The answer a failed attempt wrote, read back from its raw output (None if it wrote none)."""
+    if attempt["kind"] not in {"output", "check"}:
+        return None
+    try:
+        decision = read_decision(parse_json(attempt["raw"]).value, frozenset(spec.tools))
+    except (ParseError, DecisionError):
+        return None
+    if not isinstance(decision, AnswerChoice) or not isinstance(decision.answer, dict):
+        return None
+    return decision.answer
+
+
 def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
     stats: Stats = {**_zero_stats(), **state.get("stats", {})}
     if stats["model_calls"] + stats["cache_hits"] >= spec.max_model_calls:
@@ -733,7 +799,10 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
         _log.warning("keelgraph: %s", over)
         return {"status": "failed", "error": over.to_failure().model_dump(), "stats": stats, "pending": None}
-    reply, tried, note = _ask(state, spec, answer, allowed)
+    # A contract whose answer rests on a tool result gets no answer option until a tool has returned.
+    tool_first = spec.contract.needs_tool and bool(allowed) and not state.get("tool_log")
+    plan = _repair_plan(state, spec, answer)
+    reply, tried, note = _ask(state, spec, answer, allowed, plan, final=not tool_first)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     update: dict[str, Any] = {"stats": stats, "usage": _account(stats, spec, ai, tried, note)}
     raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)

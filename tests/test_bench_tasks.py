@@ -65,6 +65,51 @@ def test_the_right_tool_call_is_within_its_choices(task: rt.Task) -> None:
         assert task.expected["args"][arg] in values
 
 
+@pytest.mark.parametrize("task", [t for t in TASKS if t.family == "tools"], ids=lambda t: t.id)
+def test_the_right_tool_is_offered_and_a_tool_lacking_its_inputs_is_not(task: rt.Task) -> None:
+    from keelgraph.tools import policy_of
+
+    offered = {t.name for t in FAMILIES["tools"].tools if policy_of(t).offer_when(task.request)}  # type: ignore[misc]
+    assert task.expected["tool"] in offered
+    if task.expected["tool"] == "order_status":  # "Has ORD-3897 shipped yet?" holds no weight or country
+        assert offered == {"order_status"}
+
+
+def test_swapped_quantities_a_streets_lost_number_and_another_row_are_caught() -> None:
+    order = next(t for t in TASKS if t.family == "extraction" and len(t.expected["items"]) == 2)
+    a, b = order.expected["items"]
+    if a["quantity"] != b["quantity"]:
+        swapped = {
+            **order.expected,
+            "items": [{**a, "quantity": b["quantity"]}, {**b, "quantity": a["quantity"]}],
+        }
+        contract = FAMILIES["extraction"].contract
+        problems = contract.run_checks(contract.parse_output(swapped), _context(order))
+        assert problems and all(p.field.startswith("answer.items") for p in problems), problems
+    contract = FAMILIES["extraction"].contract
+    street = order.expected["ship_to"]["street"]
+    for wrong, hint in (
+        (street.split(" ", 1)[1], "leaves out the house number"),
+        (street + "x", repr(street)),
+    ):
+        answer = {**order.expected, "ship_to": {**order.expected["ship_to"], "street": wrong}}
+        problems = contract.run_checks(contract.parse_output(answer), _context(order))
+        assert [p.field for p in problems] == ["answer.ship_to.street (order_matches_email)"]
+        assert hint in problems[0].reason  # the complaint says what the e-mail does say
+    fact = next(t for t in TASKS if t.family == "facts")
+    lookup = FAMILIES["facts"].contract.parse_input(fact.request)
+    other = next(r for r in lookup.table if r.sku != fact.expected["sku"])
+    wrong_row = {
+        "sku": other.sku,
+        "field": fact.expected["field"],
+        "value": getattr(other, fact.expected["field"]),
+    }
+    contract = FAMILIES["facts"].contract
+    ctx = _context(fact)
+    assert contract.choice_problems(contract.parse_output(wrong_row), ctx)  # the grammar rules it out
+    assert contract.run_checks(contract.parse_output(wrong_row), ctx)  # and the check catches it
+
+
 def _wrong(task: rt.Task) -> dict[str, Any]:
     answer, _ = _right_answer(task)
     if task.family == "extraction":

@@ -24,6 +24,8 @@ from keelgraph import (
     unwrap,
     with_policy,
 )
+from keelgraph.contracts.repair import not_equal_pattern
+from keelgraph.graphs.nodes import DECISIVE_REPAIR_TEMPERATURE, REPAIR_TEMPERATURE
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.mmd"
@@ -538,3 +540,162 @@ def test_output_choices_reach_the_grammar_and_the_repair(tmp_path: Path) -> None
     assert attempt["kind"] == "check"
     assert attempt["problems"][0]["field"] == "answer.city"
     assert "use one of ['Oslo']" in model.calls[1]["messages"][-1].content
+
+
+class Order(BaseModel):
+    city: str
+    postcode: str
+    gift: bool
+
+
+def _gift_asked(order: Order, ctx: Any) -> str | None:
+    return "gift is true but the request does not ask for it" if order.gift else None
+
+
+def _grammar(model: ScriptedChatModel, call_index: int) -> dict[str, Any]:
+    schema: dict[str, Any] = model.calls[call_index]["kwargs"]["extra_body"]["response_format"]["schema"]
+    return schema["properties"]["answer"]
+
+
+def test_a_repair_may_only_change_the_fields_a_problem_names(tmp_path: Path) -> None:
+    """The repair's grammar flips the rejected boolean and pins what nobody objected to; the
+    prompt still describes the plain schema."""
+    contract = Contract(input=Question, output=Order, instructions="Take the order.", checks=(_gift_asked,))
+    script = [
+        answer(city="Oslo", postcode="0150", gift=True),
+        answer(city="Oslo", postcode="0150", gift=False),
+    ]
+    result, state, model = run(script, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "ok" and result["output"]["gift"] is False
+    assert state.values["attempts"][0]["problems"][0]["field"] == "answer.gift (_gift_asked)"
+    first, repair = _grammar(model, 0), _grammar(model, 1)
+    assert first["properties"]["gift"] == {"type": "boolean"}
+    assert repair["properties"] == {
+        "city": {"const": "Oslo"},
+        "postcode": {"const": "0150"},
+        "gift": {"type": "boolean", "enum": [False]},
+    }
+    system = str(model.calls[1]["messages"][0].content)
+    assert "gift (boolean, required)" in system and "Oslo" not in system  # the draft stays out
+    # the grammar rules the rejected answer out, so the repair is not resampled
+    assert model.calls[1]["kwargs"]["temperature"] == DECISIVE_REPAIR_TEMPERATURE
+
+
+def test_a_rejected_string_is_ruled_out_and_a_problem_naming_no_field_pins_nothing(tmp_path: Path) -> None:
+    def checks(order: Order, ctx: Any) -> list[str]:
+        wrong = ["city 'Olso' is not the city asked for"] if order.city != ctx.input.city else []
+        return wrong + (["the order looks odd"] if order.postcode == "0000" else [])
+
+    contract = Contract(input=Question, output=Order, instructions="x", checks=(checks,), repair_budget=3)
+    script = [
+        answer(city="Olso", postcode="0150", gift=False),
+        answer(city="Olso", postcode="0000", gift=False),
+        answer(city="Oslo", postcode="0150", gift=False),
+    ]
+    result, _, model = run(script, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "ok" and len(model.calls) == 3
+    repair = _grammar(model, 1)["properties"]
+    assert repair["city"]["pattern"].startswith('^([^O"') and repair["postcode"] == {"const": "0150"}
+    # the second rejection has a problem that names no field: nothing is pinned, the city still ruled out
+    second = _grammar(model, 2)["properties"]
+    assert "const" not in json.dumps(second) and "pattern" in second["city"]
+    temperatures = [model.calls[i]["kwargs"].get("temperature") for i in range(3)]
+    assert temperatures == [None, DECISIVE_REPAIR_TEMPERATURE, REPAIR_TEMPERATURE]
+
+
+def test_a_validation_error_pins_the_valid_fields(tmp_path: Path) -> None:
+    script = [answer(city="Oslo", celsius=99), answer(city="Oslo", celsius=20)]
+    result, _, model = run(script, tmp=tmp_path, tools=[])
+    assert result["status"] == "ok"
+    repair = _grammar(model, 1)["properties"]
+    assert repair["city"] == {"const": "Oslo"} and "const" not in repair["celsius"]
+
+
+def test_constrained_repairs_keep_to_the_repair_budget(tmp_path: Path) -> None:
+    """Every repair is constrained differently, and still the budget bounds the calls."""
+    contract = Contract(
+        input=Question, output=Order, instructions="x", checks=(_gift_asked,), repair_budget=3
+    )
+    script = [answer(city=f"City{i}", postcode="1", gift=True) for i in range(20)]
+    result, state, model = run(script, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "failed" and "repair budget of 3 spent" in result["error"]["message"]
+    assert len(model.calls) == 4 == len(state.values["attempts"])
+    assert all(_grammar(model, i)["properties"]["gift"]["enum"] == [False] for i in (1, 2, 3))
+
+
+def test_a_repair_after_a_tool_call_or_an_unreadable_reply_is_not_constrained(tmp_path: Path) -> None:
+    contract = Contract(
+        input=Question, output=Forecast, instructions="x", checks=(matches_tool,), repair_budget=3
+    )
+    script = [
+        "not json",
+        answer(city="Oslo", celsius=99),
+        call("weather", city="Oslo"),
+        answer(city="Oslo", celsius=21),
+    ]
+    result, _, model = run(script, tmp=tmp_path, contract=contract)
+    assert result["status"] == "ok" and len(model.calls) == 4
+    schemas = [
+        json.dumps(model.calls[i]["kwargs"]["extra_body"]["response_format"]["schema"]) for i in range(4)
+    ]
+    assert '"const": "Oslo"' not in schemas[1]  # after a parse error: nothing to keep
+    assert '"const": "Oslo"' in schemas[2]  # right after the rejected answer: city pinned
+    assert '"const": "Oslo"' not in schemas[3]  # after the tool ran: the answer is free again
+
+
+def test_a_repair_cannot_go_back_to_a_value_refused_earlier_in_the_turn(tmp_path: Path) -> None:
+    def right_city(order: Order, ctx: Any) -> str | None:
+        return None if order.city == ctx.input.city else f"city {order.city!r} is not the city asked for"
+
+    contract = Contract(input=Question, output=Order, instructions="x", checks=(right_city,), repair_budget=3)
+    script = [answer(city=c, postcode="0150", gift=False) for c in ("Olso", "Oslp", "Oslo")]
+    result, _, model = run(script, tmp=tmp_path, tools=[], contract=contract)
+    assert result["status"] == "ok" and len(model.calls) == 3
+    third = _grammar(model, 2)["properties"]["city"]["pattern"]
+    assert third == not_equal_pattern("Oslp", "Olso")
+
+
+def test_repair_temperature_is_greedy_after_a_draw_and_resamples_after_a_greedy_answer() -> None:
+    from types import SimpleNamespace
+
+    from keelgraph.contracts.repair import RepairPlan
+    from keelgraph.graphs.nodes import repair_temperature
+
+    sampled, greedy, unknown = (SimpleNamespace(temperature=t) for t in (0.7, 0.0, None))
+    open_plan, decisive = RepairPlan({}), RepairPlan({}, decisive=True)
+    assert repair_temperature(sampled, None, 0) is None  # the first attempt: the model's own
+    # the rejected answer was a draw: the most likely answer, told what was wrong, comes next
+    assert repair_temperature(sampled, open_plan, 1) == DECISIVE_REPAIR_TEMPERATURE
+    assert repair_temperature(unknown, open_plan, 1) == DECISIVE_REPAIR_TEMPERATURE
+    # greedy already failed: resample, unless the grammar rules the rejected answer out
+    assert repair_temperature(greedy, open_plan, 1) == REPAIR_TEMPERATURE
+    assert repair_temperature(sampled, open_plan, 2) == REPAIR_TEMPERATURE
+    assert repair_temperature(greedy, decisive, 1) == DECISIVE_REPAIR_TEMPERATURE
+    assert repair_temperature(sampled, decisive, 3) == DECISIVE_REPAIR_TEMPERATURE
+
+
+def test_a_contract_that_needs_a_tool_offers_no_answer_until_one_returned(tmp_path: Path) -> None:
+    import dataclasses
+
+    contract = dataclasses.replace(CONTRACT, needs_tool=True)
+    result, _, model = run(
+        [call("weather", city="Oslo"), answer(city="Oslo", celsius=21)], tmp=tmp_path, contract=contract
+    )
+    assert result["status"] == "ok"
+    first = model.calls[0]["kwargs"]["extra_body"]["response_format"]["schema"]
+    assert first["properties"]["action"]["const"] == "weather"  # the tool call alone: no final_answer
+    assert "final_answer" not in json.dumps(first)
+    second = model.calls[1]["kwargs"]["extra_body"]["response_format"]["schema"]
+    assert second["properties"]["action"]["const"] == "final_answer"  # the tool returned: now the answer
+    # native tool calling: the answer tool is left out and a tool call is required
+    _, _, native = run(
+        [call("weather", city="Oslo"), answer(city="Oslo", celsius=21)],
+        tmp=tmp_path, thread="native", contract=contract, strategy="tool_calling",
+    )  # fmt: skip
+    names = [t["function"]["name"] for t in native.calls[0]["kwargs"]["tools"]]
+    assert names == ["weather"] and native.calls[0]["kwargs"]["tool_choice"] in ("required", "any")
+    # with no tool offered, the answer is offered (and the checks judge it)
+    result, _, model = run(
+        [answer(city="Oslo", celsius=21)], tmp=tmp_path, thread="none", tools=[], contract=contract
+    )
+    assert result["status"] == "ok" and "final_answer" in json.dumps(model.calls[0]["kwargs"])

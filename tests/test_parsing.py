@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from keelgraph.contracts import ParseError, parse_json
 from keelgraph.contracts.decision import (
+    JSON_UNSAFE,
     AnswerChoice,
     DecisionError,
     ToolChoice,
@@ -18,6 +19,8 @@ from keelgraph.contracts.decision import (
     grammar_safe,
     read_decision,
 )
+
+U = JSON_UNSAFE
 
 
 @pytest.mark.parametrize(
@@ -113,7 +116,10 @@ def test_decision_schema_and_grammar_safety() -> None:
     ("pattern", "rewritten"),
     [
         (r"^\d{5}$", "^[0-9]{5}$"),
-        (r"^[^@\s]+@[^@\s]+\.[a-z]+$", "^[^@ \\t\\n]+@[^@ \\t\\n]+[.][a-z]+$"),
+        (r"^[^@\s]+@[^@\s]+\.[a-z]+$", f"^[^@ \\t\\n{U}]+@[^@ \\t\\n{U}]+[.][a-z]+$"),
+        (r"^[^0-9]+$", f"^[^0-9{U}]+$"),
+        (r"^a.b[.]$", f"^a[^{U}]b[.]$"),  # "." outside a class: anything but what ends a JSON string
+        (r"^[]x]$", None),  # a class opening with "]"
         (r"^SKU-\d{3}$", "^SKU-[0-9]{3}$"),
         (r"^[A-Z][a-z]*$", "^[A-Z][a-z]*$"),
         (r"\d+", None),  # unanchored means "contains": not a grammar
@@ -125,6 +131,28 @@ def test_decision_schema_and_grammar_safety() -> None:
 )
 def test_patterns_are_rewritten_for_the_grammar_or_left_out(pattern: str, rewritten: str | None) -> None:
     assert grammar_pattern(pattern) == rewritten
+
+
+@pytest.mark.parametrize(
+    ("pattern", "good"),
+    [
+        (r"^[^0-9]+$", "Leeds"),
+        (r"^[^@\s]+@[^@\s]+\.[a-z]+$", "a.b1@x.io"),
+        (r"^.+$", "any thing"),
+        (r"^[^,]*\d[^,]*$", "7 Park Lane"),
+    ],
+)
+def test_a_grammar_pattern_never_lets_a_string_run_past_its_closing_quote(pattern: str, good: str) -> None:
+    """The grammar writes a string's JSON text: a class that matched `"` let `[^0-9]+` swallow the
+    rest of the answer on the embedded model (the output came back as invalid JSON)."""
+    import re
+
+    rewritten = grammar_pattern(pattern)
+    assert rewritten is not None
+    rx = re.compile(rewritten)
+    for bad in ('Leeds", "country": "UK', "a\\b1@x.io", "line\nbreak1@x.io"):
+        assert rx.fullmatch(bad) is None, bad
+    assert rx.fullmatch(good)
 
 
 def test_grammar_safe_keeps_small_counts_and_field_names() -> None:

@@ -39,3 +39,38 @@ def test_start_reuse_stop(model_server: str) -> None:
         raise AssertionError("the server should be stopped")
     except httpx.TransportError:
         pass
+
+
+def test_negated_class_patterns_keep_the_grammar_inside_the_string(model_server: str) -> None:
+    """A field pattern with a negated class (`^[^0-9]+$`) once let the grammar's string swallow
+    its closing quote and the rest of the answer: constrained output came back as invalid JSON.
+    Rewritten by `grammar_safe`, the real server's output parses and every pattern holds."""
+    import json
+    import re
+
+    from pydantic import BaseModel, Field
+
+    from keelgraph.contracts.decision import decision_schema, grammar_safe, inline_refs
+
+    class Address(BaseModel):
+        city: str = Field(pattern=r"^[^0-9]+$")
+        postcode: str = Field(pattern=r"^\d{5}$")
+        email: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[a-z]+$")
+
+    schema = decision_schema(grammar_safe(inline_refs(Address.model_json_schema())), {})
+    text = "Ship to 70 Linden Allee, 10963 Leeds. Mail me at sofia.silva24@mail.org."
+    body = {
+        "messages": [
+            {"role": "system", "content": "Extract the address as JSON."},
+            {"role": "user", "content": text},
+        ],
+        "temperature": 0,
+        "max_tokens": 120,
+        "response_format": {"type": "json_object", "schema": schema},
+    }
+    reply = httpx.post(f"{model_server}/chat/completions", json=body, timeout=120).json()
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    answer = json.loads(choice["message"]["content"])["answer"]
+    Address.model_validate(answer)  # every original pattern holds
+    assert re.fullmatch(r"[^0-9\"]+", answer["city"])
