@@ -15,7 +15,7 @@ with arguments, answers cross-checked against a table) three ways, on the same m
 At temperature 0 each task runs once; at 0.7 (the usual sampling temperature) five times:
 pass^1 is the share of correct runs, pass^5 the share of tasks correct in all five runs.
 
-Run:   .venv/bin/python bench/reliability.py            (about 60-80 minutes on 2 cores)
+Run:   .venv/bin/python bench/reliability.py            (about 40 minutes on 2 cores)
 Quick: .venv/bin/python bench/reliability.py --quick    (3 tasks, 2 repeats: the smoke test CI runs)
 Writes bench/results/reliability.{json,md,png} (or --out DIR).
 """

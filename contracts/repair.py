@@ -202,10 +202,40 @@ def _itemize(schema: dict[str, Any], previous: Any, named: list[Path]) -> list[P
             if isinstance(lst, dict) and "items" in lst and present and isinstance(value, list) and value:
                 item = lst["items"]
                 holder[owner] = {
-                    **{k: v for k, v in lst.items() if k not in {"items", "minItems", "maxItems"}},
+                    **{k: v for k, v in lst.items() if k not in {"items", "maxItems"}},
                     "prefixItems": [copy.deepcopy(item) for _ in value],
                 }
     return list(dict.fromkeys(kept))
+
+
+def _let_go(schema: dict[str, Any], named: Sequence[Path]) -> None:
+    """Let the items that problems object to as a whole (`items.1`, "listed a second time") be
+    dropped or rewritten: the list becomes the other items, in their order and as `_pin` left them,
+    followed by none, one, ... or all of the objected items' free schemas (an `anyOf` of tuples,
+    none shorter than the list's `minItems`). A tuple of the old length would force the model to
+    write an item for every objected slot: a duplicate could only be written again."""
+    whole: dict[Path, set[int]] = {}
+    for path in named:
+        if len(path) >= 2 and path[-1].isdigit():
+            whole.setdefault(path[:-1], set()).add(int(path[-1]))
+    for owner, objected in sorted(whole.items(), key=lambda kv: -len(kv[0])):
+        node = _node_at(schema, owner)
+        slots = node.get("prefixItems") if node is not None else None
+        if node is None or not isinstance(slots, list):
+            continue
+        kept = [s for i, s in enumerate(slots) if i not in objected]
+        loose = [slots[i] for i in sorted(objected) if i < len(slots)]
+        least = int(node.get("minItems", 0))
+        rest = {k: v for k, v in node.items() if k not in {"prefixItems", "minItems"}}
+        options = [
+            {**rest, "prefixItems": [*kept, *loose[:j]]}
+            for j in range(len(loose) + 1)
+            if len(kept) + j >= least
+        ]
+        if not options:
+            continue
+        node.clear()
+        node.update(options[0] if len(options) == 1 else {"anyOf": options})
 
 
 def _exclude(node: dict[str, Any], rejected: list[Any]) -> bool:
@@ -320,4 +350,6 @@ def repair_plan(
         excluded += _exclude(node, rejected)
     if not named or None in paths:
         return RepairPlan(out)
-    return RepairPlan(_pin(out, previous, named), decisive=excluded == len(named))
+    pinned = _pin(out, previous, named)
+    _let_go(pinned, named)
+    return RepairPlan(pinned, decisive=excluded == len(named))

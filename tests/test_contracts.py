@@ -337,6 +337,32 @@ def test_a_repair_schema_changes_one_list_item_by_index_and_pins_the_others() ->
     assert repair_schema(_parcel_schema(), ["x"], problems) == _parcel_schema()
 
 
+def test_items_objected_to_as_a_whole_may_be_dropped_and_the_others_stay_pinned() -> None:
+    """ "items.1 lists 'mug' a second time": a tuple of the old length would make the model write
+    a second item again (the 0.5B model wrote the same duplicate and the turn stopped early), so
+    the objected items become optional after the kept ones."""
+    from keelgraph.contracts.repair import repair_plan
+
+    mug, pot = {"product": "mug", "quantity": 3}, {"product": "pot", "quantity": 1}
+    previous = {**_PREVIOUS, "lines": [mug, mug, pot, mug]}
+    problems = [
+        Problem(field=f"answer.lines.{i} (c)", reason=f"lines.{i} lists 'mug' a second time", fix="-")
+        for i in (1, 3)
+    ]
+    plan = repair_plan(_parcel_schema(), previous, problems)
+    options = plan.schema["properties"]["lines"]["anyOf"]
+    kept = [{"const": mug}, {"const": pot}]  # items 0 and 2, pinned, in their order
+    free = _parcel_schema()["properties"]["lines"]["items"]
+    assert [o["prefixItems"] for o in options] == [kept, [*kept, free], [*kept, free, free]]
+    assert all(o["type"] == "array" and "items" not in o for o in options)
+    assert plan.schema["properties"]["owner"] == {"const": "Ann"}  # the rest stays pinned
+    assert not plan.decisive  # the grammar does not rule the rejected list out: resample if needed
+    # with every item objected to, the list may not be shorter than its own minItems (1)
+    whole = [Problem(field="answer.lines.0 (c)", reason="lines.0 is wrong", fix="-")]
+    alone = repair_plan(_parcel_schema(), {**_PREVIOUS, "lines": [mug]}, whole)
+    assert alone.schema["properties"]["lines"]["prefixItems"] == [free]
+
+
 @pytest.mark.parametrize("value", ["Lisboa", "sofia.weber14@mail.org", "a-b (x)?{1}", "7", "x y|z*+{2}"])
 def test_not_equal_pattern_matches_everything_but_the_value(value: str) -> None:
     import re
