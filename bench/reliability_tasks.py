@@ -307,11 +307,21 @@ def make_tools() -> list[BaseTool]:
         """Price of shipping a parcel of the given weight (kg) to a country."""
         return quote_shipping(weight_kg, country)
 
-    def amounts_from_request(ctx: GuardContext) -> dict[str, list[float]]:
-        return {"amount": _numbers(str(ctx.request.get("text", "")))}
+    def conversion_from_request(ctx: GuardContext) -> dict[str, list[Any]]:
+        """The amount and currencies the customer wrote: the source is the currency written after
+        the amount ("120 CHF"), the target one written elsewhere ("in GBP")."""
+        said = str(ctx.request.get("text", ""))
+        written = list(dict.fromkeys(_CURRENCY.findall(said)))
+        held = list(dict.fromkeys(re.findall(rf"\d\s*{_CURRENCY.pattern}", said)))
+        return {
+            "amount": _numbers(said),
+            "source": held or written,
+            "target": [c for c in written if c not in held] or written,
+        }
 
-    def weights_from_request(ctx: GuardContext) -> dict[str, list[float]]:
-        return {"weight_kg": _numbers(str(ctx.request.get("text", "")))}
+    def shipment_from_request(ctx: GuardContext) -> dict[str, list[Any]]:
+        said = str(ctx.request.get("text", ""))
+        return {"weight_kg": _numbers(said), "country": [c for c in _ZONE if c in said] or list(_ZONE)}
 
     def ids_from_request(ctx: GuardContext) -> dict[str, list[str]]:
         return {"order_id": re.findall(r"ORD-\d{4}", str(ctx.request.get("text", "")))}
@@ -331,9 +341,9 @@ def make_tools() -> list[BaseTool]:
         return bool(_numbers(text(request))) and any(country in text(request) for country in _ZONE)
 
     return [
-        with_policy(convert_currency, choices=amounts_from_request, offer_when=can_convert),
+        with_policy(convert_currency, choices=conversion_from_request, offer_when=can_convert),
         with_policy(order_status, choices=ids_from_request, offer_when=can_track),
-        with_policy(shipping_quote, choices=weights_from_request, offer_when=can_quote),
+        with_policy(shipping_quote, choices=shipment_from_request, offer_when=can_quote),
     ]
 
 

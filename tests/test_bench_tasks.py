@@ -63,6 +63,10 @@ def test_the_right_tool_call_is_within_its_choices(task: rt.Task) -> None:
     assert allowed, "every tool of the family narrows an argument"
     for arg, values in allowed.items():
         assert task.expected["args"][arg] in values
+    # the currencies and the country are the ones written, each in its role: "120 CHF ... in GBP"
+    for arg in ("source", "target", "country"):
+        if arg in allowed:
+            assert allowed[arg] == [task.expected["args"][arg]], (arg, allowed[arg])
 
 
 @pytest.mark.parametrize("task", [t for t in TASKS if t.family == "tools"], ids=lambda t: t.id)
