@@ -759,15 +759,17 @@ def _repair_plan(state: State, spec: AgentSpec, answer: dict[str, Any]) -> Repai
     attempts = state.get("attempts", [])
     if not messages or kind_of(messages[-1]) != "repair" or not attempts:
         return None
-    rejected = [
-        (found, [Problem.model_validate(p) for p in a["problems"]])
-        for a in attempts
-        if (found := _rejected_answer(a, spec)) is not None
-    ]
-    if _rejected_answer(attempts[-1], spec) is None:
+    previous = _rejected_answer(attempts[-1], spec)
+    if previous is None:
         return None
-    previous, problems = rejected[-1]
-    return repair_plan(inline_refs(answer), previous, problems, earlier=rejected[:-1])
+    earlier = [
+        (found, _problems(a)) for a in attempts[:-1] if (found := _rejected_answer(a, spec)) is not None
+    ]
+    return repair_plan(inline_refs(answer), previous, _problems(attempts[-1]), earlier=earlier)
+
+
+def _problems(attempt: Mapping[str, Any]) -> list[Problem]:
+    return [Problem.model_validate(p) for p in attempt["problems"]]
 
 
 def _rejected_answer(attempt: Mapping[str, Any], spec: AgentSpec) -> dict[str, Any] | None:
