@@ -42,7 +42,7 @@ def _backend(name: str, tmp: Path) -> Iterator[BaseStore]:
     if name == "memory (no index)":
         yield InMemoryStore()
     elif name == "postgres":
-        from keelgraph.postgres import LocalPostgres
+        from keelgraph.testing.postgres import LocalPostgres
 
         with (
             tempfile.TemporaryDirectory(prefix="keelgraph-pg-") as folder,  # reachable by `postgres`

@@ -589,7 +589,7 @@ def targets(backend: Backend, workdir: Path, postgres_url: str | None) -> Iterat
     if backend == "sqlite":
         yield lambda name: str(workdir / f"{name}.db")
         return
-    from keelgraph.postgres import LocalPostgres, create_database
+    from keelgraph.testing.postgres import LocalPostgres, create_database
 
     with ExitStack() as stack:
         if postgres_url is None:
@@ -627,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             import langgraph.checkpoint.postgres  # noqa: F401
 
             from keelgraph.graphs.persistence import checkpointer  # noqa: F401
-            from keelgraph.postgres import LocalPostgres  # noqa: F401
+            from keelgraph.testing.postgres import LocalPostgres  # noqa: F401
         except ImportError as exc:
             print(f"skipped: --backend postgres needs {exc.name}", file=sys.stderr)
             return 0

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from keelgraph.models import LocalModelServer
+from keelgraph.local.embedded import LocalModelServer
 from keelgraph.settings import Settings
 
 PROMPT = "Write a Python function that checks whether a string is a palindrome, with a docstring."

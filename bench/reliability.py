@@ -47,9 +47,10 @@ from reliability_tasks import SEED, Family, Task, ToolCall, correct, families, t
 
 from keelgraph import build_graph
 from keelgraph.contracts.decision import grammar_safe, inline_refs
-from keelgraph.graphs._prompt import describe_fields
-from keelgraph.models import LocalModelServer, output_cap
+from keelgraph.graphs.prompt import describe_fields
+from keelgraph.local.embedded import LocalModelServer
 from keelgraph.progress import Progress
+from keelgraph.runtime.models import output_cap
 from keelgraph.settings import Settings
 
 METHODS = ("bare", "langchain", "keelgraph")

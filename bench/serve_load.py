@@ -28,8 +28,8 @@ from typing import Any
 
 from langgraph_sdk import get_client
 
-from keelgraph.auth import TokenFile
-from keelgraph.serve import DevServer, write_config
+from keelgraph.serving.auth import TokenFile
+from keelgraph.serving.serve import DevServer, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = {"support": "bench/served_graphs.py:support", "plain": "bench/served_graphs.py:plain"}

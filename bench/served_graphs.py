@@ -12,7 +12,8 @@ from typing import Any
 
 from langgraph.graph import START, MessagesState, StateGraph
 
-from keelgraph.graphs.support import make_graph, scripted_desk
+from keelgraph.apps.support.desk import make_graph
+from keelgraph.apps.support.scripted import scripted_desk
 
 support = make_graph(model=scripted_desk(), checkpointer=None)
 

@@ -1,6 +1,17 @@
 """Context control: rigid input and output contracts, typed errors, robust output parsing."""
 
+if (
+    __name__ != "keelgraph.contracts"
+):  # run from the repository root, the folder would import as a second package
+    raise ImportError(
+        f"import keelgraph.contracts, not {__name__}: the contracts/ folder is part of the keelgraph package "
+        "(install it with `bash .ci/setup` or `pip install -e .`), and a second copy under another "
+        "name would define its own classes that keelgraph's code does not catch"
+    )
+
+from keelgraph.contracts.boundary import LIMITS, Limits, check_text, check_value, safe_value
 from keelgraph.contracts.contract import Check, CheckContext, Contract, OutputInvalid
+from keelgraph.contracts.decision import Strategy
 from keelgraph.contracts.errors import (
     Attempt,
     BudgetExceeded,
@@ -8,6 +19,7 @@ from keelgraph.contracts.errors import (
     Failure,
     InputRejected,
     KeelgraphError,
+    ModelUnavailable,
     Problem,
     RepairExhausted,
     RunError,
@@ -18,6 +30,7 @@ from keelgraph.contracts.evidence import closest_span, not_copied
 from keelgraph.contracts.parsing import Parsed, ParseError, parse_json
 
 __all__ = [
+    "LIMITS",
     "Attempt",
     "BudgetExceeded",
     "Check",
@@ -27,15 +40,21 @@ __all__ = [
     "Failure",
     "InputRejected",
     "KeelgraphError",
+    "Limits",
+    "ModelUnavailable",
     "OutputInvalid",
     "ParseError",
     "Parsed",
     "Problem",
     "RepairExhausted",
     "RunError",
+    "Strategy",
     "UserError",
+    "check_text",
+    "check_value",
     "closest_span",
     "explain",
     "not_copied",
     "parse_json",
+    "safe_value",
 ]

@@ -332,7 +332,8 @@ class Contract(Generic[InT, OutT]):
         """Run every semantic check; each complaint becomes a `Problem` (the correction prompt)."""
         problems: list[Problem] = []
         for check in self.checks:
-            name = getattr(check, "__name__", type(check).__name__)
+            named = getattr(check, "func", check)  # a functools.partial names its function
+            name = getattr(named, "__name__", type(check).__name__)
             try:
                 result = check(output, ctx)
                 if inspect.isawaitable(result):

@@ -7,14 +7,16 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from keelgraph.contracts.errors import Problem
 
 __all__ = [
     "ANSWER",
+    "STRATEGIES",
     "AnswerChoice",
     "DecisionError",
+    "Strategy",
     "ToolChoice",
     "decision_schema",
     "grammar_pattern",
@@ -25,6 +27,12 @@ __all__ = [
 
 ANSWER = "final_answer"
 """The action name of the final answer, next to the tools' names."""
+
+Strategy = Literal["json_object", "json_schema", "prompted", "tool_calling"]
+"""How a model is asked for its decision: a JSON object constrained by a schema (a grammar on
+llama.cpp-style servers), OpenAI's `json_schema` response format, prompted JSON, or native tool
+calls with the answer as one more tool."""
+STRATEGIES: tuple[Strategy, ...] = ("json_object", "json_schema", "prompted", "tool_calling")
 
 _ARG_KEYS = ("args", "arguments", "parameters", "input")
 _NAME_KEYS = ("action", "name", "tool", "function")

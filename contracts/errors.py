@@ -13,6 +13,7 @@ __all__ = [
     "Failure",
     "InputRejected",
     "KeelgraphError",
+    "ModelUnavailable",
     "Problem",
     "RepairExhausted",
     "RunError",
@@ -55,7 +56,7 @@ class Attempt(BaseModel):
 class Failure(BaseModel):
     """A run's typed failure as plain data: stored in the thread and returned over HTTP."""
 
-    type: Literal["InputRejected", "RepairExhausted", "BudgetExceeded"]
+    type: Literal["InputRejected", "RepairExhausted", "BudgetExceeded", "ModelUnavailable"]
     code: str
     message: str
     problems: list[Problem] = Field(default_factory=list)
@@ -67,6 +68,8 @@ class Failure(BaseModel):
             return InputRejected(self.problems)
         if self.type == "BudgetExceeded":
             return BudgetExceeded.from_failure(self)
+        if self.type == "ModelUnavailable":
+            return ModelUnavailable([], None, message=self.message)
         return RepairExhausted(self.attempts, usage=self.usage, message=self.message)
 
 
@@ -294,3 +297,37 @@ def explain(
             reason = f"{reason} (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
         problems.append(Problem(field=_field(err["loc"], prefix), reason=reason, fix=_fix(err, allowed)))
     return problems
+
+
+class ModelUnavailable(RunError):
+    """No model of the chain answered: every one failed with transient errors (or a `Retry-After`
+    longer than the chain waits). `attempts` has every request that was made.
+
+    The one failure `invoke` raises instead of returning as data, on purpose: it says nothing about
+    the request, only that the endpoint is down. The turn stays where it was (the request is in the
+    thread, the checkpoint before the model call is the latest), so `graph.invoke(None, config)`
+    resumes it unchanged once the endpoint is back, and LangGraph server marks the run as an error
+    its own retry and alerting see. `to_failure()` gives the same facts as data (for logs or a reply).
+    """
+
+    code = "model_unavailable"
+
+    def __init__(
+        self, attempts: list[dict[str, Any]], last: BaseException | None, *, message: str = ""
+    ) -> None:
+        self.attempts = list(attempts)
+        self.models = list(dict.fromkeys(str(a["model"]) for a in self.attempts))
+        self.last_error = last
+        if not message:
+            outcomes = ", ".join(f"{a['model']}: {a['outcome']}" for a in self.attempts)
+            last_text = f"{type(last).__name__}: {str(last)[:300]}" if last is not None else "none"
+            message = (
+                f"no model answered after {len(self.attempts)} request(s) to {', '.join(self.models)} "
+                f"({outcomes}); last error {last_text}. The request is kept in the thread: resume "
+                "with graph.invoke(None, config) when the endpoint is back, or add a fallback model "
+                "(build_graph(model=[primary, fallback]) or KEELGRAPH_FALLBACK_MODELS)"
+            )
+        super().__init__(message)
+
+    def to_failure(self) -> Failure:
+        return Failure(type="ModelUnavailable", code=self.code, message=str(self))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 import httpx
 import openai
@@ -16,33 +16,31 @@ from langgraph.store.base import BaseStore
 from langgraph.types import Checkpointer
 
 from keelgraph.contracts.contract import Contract
-from keelgraph.contracts.decision import ANSWER
+from keelgraph.contracts.decision import ANSWER, Strategy
 from keelgraph.contracts.errors import UserError
-from keelgraph.graphs._prompt import Strategy, tool_args_schema
-from keelgraph.graphs.nodes import (
-    AgentSpec,
-    ModelSource,
-    act,
-    approve,
-    check_output,
-    reason,
-    route_after_act,
-    route_after_check,
-    route_after_input,
-    route_after_reason,
-    validate_input,
-)
+from keelgraph.graphs.act import act, route_after_act
+from keelgraph.graphs.approve import approve
+from keelgraph.graphs.check import check_output, route_after_check
+from keelgraph.graphs.prompt import tool_args_schema
+from keelgraph.graphs.reason import reason, route_after_reason
+from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, InputState, OutputState, State
-from keelgraph.models import Price, model_label, price_of
-from keelgraph.observability import configure_from_env, traced
+from keelgraph.graphs.validate import route_after_input, validate_input
+from keelgraph.runtime.cache import ModelCache, SqliteModelCache
+from keelgraph.runtime.models import ModelChain, ModelSource, Price, as_chain, model_label, price_of
+from keelgraph.runtime.observability import configure_from_env, traced
+from keelgraph.settings import Settings
 from keelgraph.tools.execution import policy_of
 from keelgraph.tools.ledger import EffectLedger, SqliteLedger
 
-if TYPE_CHECKING:
-    from keelgraph.cache import ModelCache
-    from keelgraph.models import ModelChain
-
-__all__ = ["TRANSIENT_ERRORS", "build_graph", "graph_builder", "infer_strategy", "strategy_chain"]
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "GraphOptions",
+    "build_graph",
+    "graph_builder",
+    "infer_strategy",
+    "strategy_chain",
+]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     openai.APIConnectionError,  # includes APITimeoutError
@@ -52,8 +50,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 """The broad classes of transport failure. The `reason` node decides case by case with
-`keelgraph.models.is_transient` (a 429 and a 503 are retried, a 400 and a 401 are not) and retries
-inside the node, so it has no LangGraph retry policy to multiply its attempts."""
+`keelgraph.runtime.models.is_transient` (a 429 and a 503 are retried, a 400 and a 401 are not) and retries
+inside the node (`graphs.model_call.ask`, with `ModelChain`'s backoff), so the graph has no LangGraph
+`RetryPolicy` to multiply its attempts."""
 
 
 def strategy_chain(model: ModelSource) -> tuple[Strategy, ...]:
@@ -65,8 +64,6 @@ def strategy_chain(model: ModelSource) -> tuple[Strategy, ...]:
     schema-constrained JSON first; hosted OpenAI-compatible endpoints native tool calling, then a
     JSON schema, then prompted JSON; other chat models prompted JSON.
     """
-    from keelgraph.settings import Settings
-
     settings = Settings.from_env()
     if settings.output_strategy:
         return (settings.output_strategy,)
@@ -91,61 +88,81 @@ def infer_strategy(model: ModelSource) -> Strategy:
     return strategy_chain(model)[0]
 
 
-def graph_builder(
-    contract: Contract[Any, Any],
-    tools: Sequence[BaseTool] = (),
-    *,
-    model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
-    strategy: Strategy | Sequence[Strategy] | None = None,
-    max_tool_rounds: int = 4,
-    allow_repeat_tools: bool = False,
-    effects: EffectLedger | Literal["default"] | None = "default",
-    max_tool_calls: int | None = 16,
-    max_thread_tool_calls: int | None = None,
-    refuse_tainted_writes: bool = True,
-    history_tokens: int | None = 1000,
-    max_turn_tokens: int | None = None,
-    max_thread_tokens: int | None = None,
-    cache: ModelCache | Literal["default"] | None = None,
-    cache_sampled: bool = False,
-    prices: Mapping[str, Price] | None = None,
-    max_turn_cost: float | None = None,
-    max_thread_cost: float | None = None,
-) -> StateGraph[State, Context, InputState, OutputState]:
-    """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
+class GraphOptions(TypedDict, total=False):
+    """The behaviour of a keelgraph graph: every keyword `graph_builder` and `build_graph` take
+    besides the contract, tools and model (and, for `build_graph`, persistence). Declared once here;
+    the defaults are `DEFAULTS`.
 
-    `model` is a chat model or a zero-argument factory; by default the configured endpoint or the
-    embedded local model, resolved at the first model call (so building a graph starts nothing).
-    A sequence is a failover chain, primary first: transient errors (timeouts, connection errors,
-    429, 5xx) are retried with backoff, then the next model answers, bound with the same tools and
-    output format; a `keelgraph.models.ModelChain` sets the retries and `handover_after`.
-    `strategy` is one output strategy or a chain tried in order (see `strategy_chain`).
-    `effects` records completed `write`/`external` tool calls so none is performed twice (see
-    `keelgraph.tools.ledger`); by default in `$KEELGRAPH_DATA_DIR/effects.db`, opened at the first
-    such call. None turns the record off: such calls may then repeat on resume.
-    `max_tool_calls` / `max_thread_tool_calls` cap the tool calls run per turn / per thread (calls
-    past a cap are refused and the model must answer). `refuse_tainted_writes` enforces the tool
-    policies' `from_user` arguments: values the user must have written, not a tool result.
-    `history_tokens` bounds what the model is shown of earlier turns (their requests and answers,
-    newest first, by estimated tokens). With a store, the state holds only the turn in progress:
-    finished turns move to the thread's archive in the graph's store and the model's share of them
-    is read back from there, so a checkpoint holds the same whatever the length of the thread (see
-    `keelgraph.graphs.history`). Without a store, or with None, the state keeps every turn.
-    `max_turn_tokens` / `max_thread_tokens` are spend limits in input + output tokens per turn / per
-    thread, counting every model call (repairs included). Before each call its cost is estimated
-    (prompt characters // 4 plus the model's `max_tokens`, 1024 without one); a call that could go
-    past a limit is not made, and the turn ends "failed" with a `BudgetExceeded` error.
-    `prices` maps model names (`keelgraph.models.model_label`, `"*"` for any other) to a
-    `keelgraph.Price` per million tokens: each reply's cost goes into the turn's `stats["cost"]`
-    and the thread's `usage["cost_micros"]`; `max_turn_cost` / `max_thread_cost` are spend limits
-    in that currency, checked before each call like the token limits (at the highest price of the
-    models the call may fail over to).
-    `cache` answers identical model calls from a response cache (see `keelgraph.cache`): None (the
-    default) is off, "default" a SQLite cache in `$KEELGRAPH_DATA_DIR/model_cache.db`. Only replies of
-    turns that ended ok are kept; calls at a temperature above 0 are not cached unless `cache_sampled`.
+    >>> opts: GraphOptions = {"max_tool_calls": 4, "history_tokens": 500}
+    >>> sorted(opts)
+    ['history_tokens', 'max_tool_calls']
     """
-    from keelgraph.models import as_chain
 
+    strategy: Strategy | Sequence[Strategy] | None
+    """One output strategy, or a chain tried in order (default: `strategy_chain(model)`)."""
+    max_tool_rounds: int
+    """Tool rounds per turn; after that the model must answer (default 4)."""
+    allow_repeat_tools: bool
+    """Let the model call a tool again in a turn after it succeeded (default off: small models loop)."""
+    effects: EffectLedger | Literal["default"] | None
+    """Where completed `write`/`external` calls are recorded so none runs twice (see
+    `keelgraph.tools.ledger`): "default" is `$KEELGRAPH_DATA_DIR/effects.db`, opened at the first
+    such call; None turns the record off (such calls may then repeat on resume)."""
+    max_tool_calls: int | None
+    """Tool calls run per turn (default 16; None: no limit). Calls past it are refused and the model
+    must answer."""
+    max_thread_tool_calls: int | None
+    """Tool calls run per thread, over all its turns (default None: no limit)."""
+    refuse_tainted_writes: bool
+    """Enforce the tool policies' `from_user` arguments: values the user wrote, not a tool result
+    (default True)."""
+    history_tokens: int | None
+    """What the model is shown of earlier turns (requests and answers, newest first), in estimated
+    tokens (default 1000). With a store, finished turns move to the thread's archive and the state
+    holds only the turn in progress (see `keelgraph.graphs.history`); None keeps every turn."""
+    max_turn_tokens: int | None
+    """Spend limit in input + output tokens per turn, every model call counted (default None). A call
+    that could go past it (prompt characters // 4 plus the model's `max_tokens`, 1024 without one) is
+    not made: the turn ends "failed" with `BudgetExceeded`."""
+    max_thread_tokens: int | None
+    """The same over the whole thread (default None)."""
+    cache: ModelCache | Literal["default"] | None
+    """Answer identical model calls from a response cache (see `keelgraph.runtime.cache`): None (the
+    default) is off, "default" a SQLite cache in `$KEELGRAPH_DATA_DIR/model_cache.db`. Only replies of
+    turns that ended ok are kept."""
+    cache_sampled: bool
+    """Also cache calls made at a temperature above 0 (default off)."""
+    prices: Mapping[str, Price] | None
+    """Model name (`model_label`, `"*"` for any other) -> `Price` per million tokens: each reply's
+    cost goes into the turn's `stats["cost"]` and the thread's `usage["cost_micros"]`."""
+    max_turn_cost: float | None
+    """Spend limit per turn in the currency of `prices`, checked before each call at the highest price
+    of the models the call may fail over to (default None)."""
+    max_thread_cost: float | None
+    """The same over the whole thread (default None)."""
+
+
+DEFAULTS: GraphOptions = {
+    "strategy": None,
+    "max_tool_rounds": 4,
+    "allow_repeat_tools": False,
+    "effects": "default",
+    "max_tool_calls": 16,
+    "max_thread_tool_calls": None,
+    "refuse_tainted_writes": True,
+    "history_tokens": 1000,
+    "max_turn_tokens": None,
+    "max_thread_tokens": None,
+    "cache": None,
+    "cache_sampled": False,
+    "prices": None,
+    "max_turn_cost": None,
+    "max_thread_cost": None,
+}
+"""The default of every `GraphOptions` field."""
+
+
+def _check_tools(contract: Contract[Any, Any], tools: Sequence[BaseTool]) -> None:
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise UserError(f"tool names must be unique, got {names}")
@@ -162,70 +179,106 @@ def graph_builder(
                     f"preloaded tool {tool.name!r} must take every required argument ({sorted(required)}) "
                     f"from the request's fields ({sorted(contract.input.model_fields)}) via from_input"
                 )
-    if history_tokens is not None and history_tokens < 0:
+
+
+def _check_limits(opts: GraphOptions, models: ModelChain) -> None:
+    history = opts["history_tokens"]
+    if history is not None and history < 0:
         raise UserError("history_tokens must be None (keep everything) or >= 0")
-    if max_tool_rounds < 0:
+    if opts["max_tool_rounds"] < 0:
         raise UserError("max_tool_rounds must be >= 0")
-    caps = {
-        "max_tool_calls": max_tool_calls,
-        "max_thread_tool_calls": max_thread_tool_calls,
-        "max_turn_tokens": max_turn_tokens,
-        "max_thread_tokens": max_thread_tokens,
-    }
-    for label, cap in caps.items():
+    for label in ("max_tool_calls", "max_thread_tool_calls", "max_turn_tokens", "max_thread_tokens"):
+        cap = opts[label]
         if cap is not None and cap < 1:
             raise UserError(f"{label} must be None (no limit) or >= 1, got {cap}")
-    models = as_chain(model)
-    for label, limit in (("max_turn_cost", max_turn_cost), ("max_thread_cost", max_thread_cost)):
+    prices = opts["prices"]
+    costs = (("max_turn_cost", opts["max_turn_cost"]), ("max_thread_cost", opts["max_thread_cost"]))
+    for label, limit in costs:
         if limit is not None and limit <= 0:
             raise UserError(f"{label} must be None (no limit) or > 0, got {limit}")
         if limit is not None and not prices:
             raise UserError(f"{label} needs prices=: the price of each model, e.g. {{'*': Price(0.15, 0.6)}}")
-    if prices and (max_turn_cost is not None or max_thread_cost is not None):
+    if prices and any(limit is not None for _, limit in costs):
         for source in models.models:  # factories are checked when first resolved, at the first call
             if isinstance(source, BaseChatModel) and price_of(prices, model_label(source)) is None:
                 raise UserError(
                     f'no price for model {model_label(source)!r}: add it to prices= (or a "*" entry)'
                 )
+
+
+def agent_spec(
+    contract: Contract[Any, Any],
+    tools: Sequence[BaseTool] = (),
+    *,
+    model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
+    **options: Unpack[GraphOptions],
+) -> AgentSpec:
+    """The checked `AgentSpec` the nodes run with; a mistake is a `UserError` at build time."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown graph option(s) {unknown}; the options are {sorted(DEFAULTS)}")
+    opts: GraphOptions = {**DEFAULTS, **options}
+    _check_tools(contract, tools)
+    models = as_chain(model)
+    _check_limits(opts, models)
+    strategy = opts["strategy"]
     if isinstance(strategy, str):
         chain: tuple[Strategy, ...] = (strategy,)
     else:
         chain = tuple(strategy) if strategy else strategy_chain(models.models[0])
-    spec = AgentSpec(
+    effects, cache = opts["effects"], opts["cache"]
+    return AgentSpec(
         contract=contract,
         tools={t.name: t for t in tools},
         model=models,
         strategy=chain[0],
         fallbacks=chain[1:],
-        max_tool_rounds=max_tool_rounds,
-        allow_repeat_tools=allow_repeat_tools,
+        max_tool_rounds=opts["max_tool_rounds"],
+        allow_repeat_tools=opts["allow_repeat_tools"],
         effects=_default_ledger if effects == "default" else effects,
-        max_tool_calls=max_tool_calls,
-        max_thread_tool_calls=max_thread_tool_calls,
-        refuse_tainted_writes=refuse_tainted_writes,
-        history_tokens=history_tokens,
-        max_turn_tokens=max_turn_tokens,
-        max_thread_tokens=max_thread_tokens,
+        max_tool_calls=opts["max_tool_calls"],
+        max_thread_tool_calls=opts["max_thread_tool_calls"],
+        refuse_tainted_writes=opts["refuse_tainted_writes"],
+        history_tokens=opts["history_tokens"],
+        max_turn_tokens=opts["max_turn_tokens"],
+        max_thread_tokens=opts["max_thread_tokens"],
         cache=_default_cache() if cache == "default" else cache,
-        cache_sampled=cache_sampled,
-        prices=dict(prices or {}),
-        max_turn_cost=max_turn_cost,
-        max_thread_cost=max_thread_cost,
+        cache_sampled=opts["cache_sampled"],
+        prices=dict(opts["prices"] or {}),
+        max_turn_cost=opts["max_turn_cost"],
+        max_thread_cost=opts["max_thread_cost"],
     )
+
+
+def graph_builder(
+    contract: Contract[Any, Any],
+    tools: Sequence[BaseTool] = (),
+    *,
+    model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
+    **options: Unpack[GraphOptions],
+) -> StateGraph[State, Context, InputState, OutputState]:
+    """The uncompiled keelgraph flow, to compile yourself or to embed in a larger graph.
+
+    `model` is a chat model or a zero-argument factory; by default the configured endpoint or the
+    embedded local model, resolved at the first model call (so building a graph starts nothing).
+    A sequence is a failover chain, primary first: transient errors (timeouts, connection errors,
+    429, 5xx) are retried with backoff, then the next model answers, bound with the same tools and
+    output format; a `keelgraph.runtime.models.ModelChain` sets the retries and `handover_after`.
+    Every other keyword is a `GraphOptions` field (limits, budgets, effects, cache, history).
+    """
+    spec = agent_spec(contract, tools, model=model, **options)
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     configure_from_env()
-    # Each node logs one record (and an OpenTelemetry span) per run: see `keelgraph.observability`.
+    # Each node logs one record (and an OpenTelemetry span) per run: see `keelgraph.runtime.observability`.
     builder.add_node("validate_input", traced("validate_input", partial(validate_input, spec=spec)))
-    # No retry_policy: the node retries and fails over itself (see `_ask`), once per request.
+    # No retry_policy: the node retries and fails over itself (see `model_call.ask`), once per request.
     builder.add_node("reason", traced("reason", partial(reason, spec=spec)))
     builder.add_node("approve", traced("approve", partial(approve, spec=spec)))
     builder.add_node("act", traced("act", partial(act, spec=spec)))
     builder.add_node("check_output", traced("check_output", partial(check_output, spec=spec)))
     builder.add_edge(START, "validate_input")
     builder.add_conditional_edges("validate_input", route_after_input)
-    builder.add_conditional_edges(
-        "reason", partial(route_after_reason, spec=spec), ["approve", "act", "check_output", END]
-    )
+    builder.add_conditional_edges("reason", route_after_reason, ["approve", "act", "check_output", END])
     builder.add_edge("approve", "act")
     builder.add_conditional_edges("act", route_after_act)
     builder.add_conditional_edges("check_output", route_after_check)
@@ -233,15 +286,10 @@ def graph_builder(
 
 
 def _default_cache() -> ModelCache:
-    from keelgraph.cache import SqliteModelCache
-    from keelgraph.settings import Settings
-
     return SqliteModelCache(Settings.from_env().data_dir / "model_cache.db")
 
 
 def _default_ledger() -> EffectLedger:
-    from keelgraph.settings import Settings
-
     return SqliteLedger(Settings.from_env().data_dir / "effects.db")
 
 
@@ -252,24 +300,11 @@ def build_graph(
     model: ModelSource | Sequence[ModelSource] | ModelChain | None = None,
     checkpointer: Checkpointer | Literal["default"] = "default",
     store: BaseStore | Literal["default"] | None = "default",
-    strategy: Strategy | Sequence[Strategy] | None = None,
-    max_tool_rounds: int = 4,
-    allow_repeat_tools: bool = False,
-    effects: EffectLedger | Literal["default"] | None = "default",
-    max_tool_calls: int | None = 16,
-    max_thread_tool_calls: int | None = None,
-    refuse_tainted_writes: bool = True,
-    history_tokens: int | None = 1000,
-    max_turn_tokens: int | None = None,
-    max_thread_tokens: int | None = None,
-    cache: ModelCache | Literal["default"] | None = None,
-    cache_sampled: bool = False,
-    prices: Mapping[str, Price] | None = None,
-    max_turn_cost: float | None = None,
-    max_thread_cost: float | None = None,
     name: str | None = None,
+    **options: Unpack[GraphOptions],
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
-    """Compile the keelgraph flow for `contract` and `tools`.
+    """Compile the keelgraph flow for `contract` and `tools` (see `graph_builder`; every other
+    keyword is a `GraphOptions` field).
 
     By default threads persist in the SQLite file `$KEELGRAPH_DATA_DIR/threads.db` (PostgreSQL when
     `KEELGRAPH_DATABASE_URL` is set), with a store beside it (`store.db`) for the threads' archives
@@ -288,26 +323,7 @@ def build_graph(
     >>> graph.invoke({"request": {"question": "2+2?"}})["output"]
     {'answer': '4'}
     """
-    builder = graph_builder(
-        contract,
-        tools,
-        model=model,
-        strategy=strategy,
-        max_tool_rounds=max_tool_rounds,
-        allow_repeat_tools=allow_repeat_tools,
-        effects=effects,
-        max_tool_calls=max_tool_calls,
-        max_thread_tool_calls=max_thread_tool_calls,
-        refuse_tainted_writes=refuse_tainted_writes,
-        history_tokens=history_tokens,
-        max_turn_tokens=max_turn_tokens,
-        max_thread_tokens=max_thread_tokens,
-        cache=cache,
-        cache_sampled=cache_sampled,
-        prices=prices,
-        max_turn_cost=max_turn_cost,
-        max_thread_cost=max_thread_cost,
-    )
+    builder = graph_builder(contract, tools, model=model, **options)
     if store == "default":
         store = None
         if checkpointer == "default":

@@ -42,7 +42,7 @@ from langchain_core.messages import (
 )
 from langgraph.store.base import BaseStore, GetOp, Item, PutOp
 
-from keelgraph.graphs._prompt import kind_of
+from keelgraph.graphs.prompt import kind_of
 
 __all__ = [
     "ARCHIVE",
@@ -135,7 +135,7 @@ def compact(messages: Sequence[AnyMessage], *, turns_done: int = 0, archived_tur
     `archived_turns` are archived); each one not in the archive yet goes there whole, numbered.
 
     >>> from langchain_core.messages import HumanMessage
-    >>> from keelgraph.graphs._prompt import tagged
+    >>> from keelgraph.graphs.prompt import tagged
     >>> old = [tagged(HumanMessage("q1", id="1"), "request"), AIMessage("", id="2", tool_calls=[
     ...     {"name": "t", "args": {}, "id": "c1"}]), ToolMessage("r", tool_call_id="c1", id="3"),
     ...     tagged(AIMessage("a1", id="4"), "answer")]

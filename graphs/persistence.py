@@ -4,10 +4,10 @@ A *target* is a file path (SQLite) or a `postgresql://` URL. None means the conf
 `KEELGRAPH_DATABASE_URL`, else `threads.db` / `store.db` under `KEELGRAPH_DATA_DIR`.
 
 A store's *index* makes its items searchable by meaning (`store.search(ns, query=...)`): a LangGraph
-`IndexConfig`, None (no index: the default), or "auto": `keelgraph.graphs.memory.index_config()`
+`IndexConfig`, None (no index: the default), or "auto": `keelgraph.local.embeddings.index_config()`
 (the offline embedding model) when the `memory` extra and its model are installed and the backend
 can hold vectors, else none. On SQLite the vector index needs sqlite-vec, loaded through `pysqlite3`
-(see `keelgraph.graphs.memory.vector_connect`); on PostgreSQL it needs the pgvector extension in
+(see `keelgraph.local.embeddings.vector_connect`); on PostgreSQL it needs the pgvector extension in
 the server, which Debian 12's PostgreSQL 15 does not package: "auto" then opens the store without
 an index, and `keelgraph.graphs.memory.recall` ranks memories in Python instead.
 """
@@ -336,7 +336,7 @@ async def _aiosqlite_connect(path: str, *, autocommit: bool = False) -> AsyncIte
 
 @asynccontextmanager
 async def _aiosqlite_vectors(path: str) -> AsyncIterator[aiosqlite.Connection]:
-    """An aiosqlite connection over `keelgraph.graphs.memory.vector_connect`: sqlite-vec loadable."""
+    """An aiosqlite connection over `keelgraph.local.embeddings.vector_connect`: sqlite-vec loadable."""
     import aiosqlite
 
     from keelgraph.graphs.memory import vector_connector

@@ -30,7 +30,7 @@ class ModelAttempt(TypedDict):
     """One request to a model: its answer, or the transport error that was retried or failed over."""
 
     model: str
-    """The model's name (`keelgraph.models.model_label`)."""
+    """The model's name (`keelgraph.runtime.models.model_label`)."""
     position: int
     """Its place in the model chain: 0 is the primary."""
     outcome: str
@@ -141,9 +141,12 @@ class State(InputState, OutputState, total=False):
     """Tool calls run in this thread, over all its turns (for `max_thread_tool_calls`)."""
     usage: Annotated[dict[str, int], add_usage]
     """Tokens spent by the whole thread."""
+    awaiting_approval: list[str]
+    """Call ids of the latest step that wait for a person's decision. Recorded by the node that
+    made the step, so the router after it reads state only (no store or ledger access)."""
     cache_writes: list[dict[str, Any]]
     """This turn's model replies waiting for the response cache (key, message id, reply): written
-    when the turn ends `ok`, dropped when rejected (see `keelgraph.cache`)."""
+    when the turn ends `ok`, dropped when rejected (see `keelgraph.runtime.cache`)."""
 
 
 @dataclass(frozen=True)

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import importlib
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
-from keelgraph.contracts import (
-    Attempt,
-    BudgetExceeded,
-    CheckContext,
-    Contract,
-    ContractError,
-    Failure,
-    InputRejected,
-    KeelgraphError,
-    Problem,
-    RepairExhausted,
-    RunError,
-    UserError,
-)
-from keelgraph.graphs import Context, build_graph, graph_builder, sqlite_checkpointer
-from keelgraph.models import Price, chat_model, default_model
-from keelgraph.settings import Settings
-from keelgraph.tools import GuardContext, ToolPolicy, with_policy
+    from keelgraph.contracts import (
+        Attempt,
+        BudgetExceeded,
+        CheckContext,
+        Contract,
+        ContractError,
+        Failure,
+        InputRejected,
+        KeelgraphError,
+        ModelUnavailable,
+        Problem,
+        RepairExhausted,
+        RunError,
+        UserError,
+    )
+    from keelgraph.graphs import Context, GraphOptions, build_graph, graph_builder, sqlite_checkpointer
+    from keelgraph.runtime.models import Price, chat_model, default_model
+    from keelgraph.settings import Settings
+    from keelgraph.tools import GuardContext, ToolPolicy, with_policy
 
 __all__ = [
     "Attempt",
@@ -33,9 +36,11 @@ __all__ = [
     "Contract",
     "ContractError",
     "Failure",
+    "GraphOptions",
     "GuardContext",
     "InputRejected",
     "KeelgraphError",
+    "ModelUnavailable",
     "Price",
     "Problem",
     "RepairExhausted",
@@ -55,17 +60,63 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-OutT = TypeVar("OutT", bound=BaseModel)
+_WHERE = {
+    **dict.fromkeys(
+        (
+            "Attempt",
+            "BudgetExceeded",
+            "CheckContext",
+            "Contract",
+            "ContractError",
+            "Failure",
+            "InputRejected",
+            "KeelgraphError",
+            "ModelUnavailable",
+            "Problem",
+            "RepairExhausted",
+            "RunError",
+            "UserError",
+        ),
+        "keelgraph.contracts",
+    ),
+    **dict.fromkeys(
+        ("Context", "GraphOptions", "build_graph", "graph_builder", "sqlite_checkpointer"), "keelgraph.graphs"
+    ),
+    **dict.fromkeys(("Price", "chat_model", "default_model"), "keelgraph.runtime.models"),
+    "Settings": "keelgraph.settings",
+    **dict.fromkeys(("GuardContext", "ToolPolicy", "with_policy"), "keelgraph.tools"),
+}
+"""Where each public name lives. Imported on first use, so `import keelgraph.contracts` (or
+`from keelgraph import Contract`) does not load LangGraph or OpenAI."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keelgraph' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+OutT = TypeVar("OutT", bound="BaseModel")
 
 
 def unwrap(result: dict[str, Any], output: type[OutT]) -> OutT:
     """The typed answer of a graph result, or the typed error it ended with.
 
+    >>> from pydantic import BaseModel
     >>> class Reply(BaseModel):
     ...     text: str
     >>> unwrap({"status": "ok", "output": {"text": "hi"}}, Reply).text
     'hi'
     """
+    from keelgraph.contracts import Failure, RunError
+
     if result.get("status") == "ok" and result.get("output") is not None:
         return output.model_validate(result["output"])
     if result.get("error"):

@@ -1,5 +1,5 @@
 """`python -m keelgraph`."""
 
-from keelgraph.cli import main
+from keelgraph.commands.cli import main
 
 raise SystemExit(main())

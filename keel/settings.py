@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast, get_args
 
+from keelgraph.contracts.decision import Strategy
 from keelgraph.contracts.errors import UserError
-from keelgraph.graphs._prompt import Strategy
 
 __all__ = ["EMBEDDED_MODEL_NAME", "Settings"]
 

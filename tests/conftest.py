@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from keelgraph.models import LocalModelServer
-from keelgraph.postgres import LocalPostgres, create_database, find_pg_bin
+from keelgraph.local.embedded import LocalModelServer
 from keelgraph.settings import Settings
+from keelgraph.testing.postgres import LocalPostgres, create_database, find_pg_bin
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

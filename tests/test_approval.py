@@ -205,7 +205,8 @@ def test_resume_in_another_process(tmp_path: Path) -> None:
 
 def test_act_itself_refuses_a_call_without_a_matching_approval() -> None:
     """Defence in depth: whatever routes a step to `act`, unapproved or altered calls do not run."""
-    from keelgraph.graphs.nodes import AgentSpec, act
+    from keelgraph.graphs.act import act
+    from keelgraph.graphs.spec import AgentSpec
 
     tools = {t.name: t for t in _tools()}
     spec = AgentSpec(contract=CONTRACT, tools=tools, model=ScriptedChatModel([]), strategy="json_object")

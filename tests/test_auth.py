@@ -1,4 +1,4 @@
-"""keelgraph.auth: tokens, JWTs and the ownership rules, without a server (the e2e suite has one)."""
+"""keelgraph.serving.auth: tokens, JWTs and the ownership rules, without a server (the e2e suite has one)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from langgraph_sdk import Auth
 from langgraph_sdk.auth.types import AuthContext
 
-from keelgraph import auth as kauth
-from keelgraph.auth import OWNER, TokenFile, authenticate, hash_token
-from keelgraph.cli import main
+from keelgraph.commands.cli import main
 from keelgraph.contracts.errors import UserError
+from keelgraph.serving import auth as kauth
+from keelgraph.serving.auth import OWNER, TokenFile, authenticate, hash_token
 
 
 @pytest.fixture

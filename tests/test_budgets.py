@@ -19,7 +19,7 @@ from keelgraph import (
     sqlite_checkpointer,
     unwrap,
 )
-from keelgraph.graphs.nodes import DEFAULT_OUTPUT_CAP, estimate_tokens
+from keelgraph.graphs.budgets import DEFAULT_OUTPUT_CAP, estimate_tokens
 from keelgraph.testing import ScriptedChatModel, answer
 
 

@@ -12,7 +12,7 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, Settings, build_graph, sqlite_checkpointer
-from keelgraph.cache import MemoryModelCache, SqliteModelCache, cache_key
+from keelgraph.runtime.cache import MemoryModelCache, SqliteModelCache, cache_key
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 

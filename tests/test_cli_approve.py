@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from keelgraph.cli import EXIT_WAITING, main
-from keelgraph.graphs import support
+from keelgraph.apps.support import desk as support
+from keelgraph.commands.cli import EXIT_WAITING, main
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 ASK = '{"customer_id": 1, "message": "My keyboard from order 1002 arrived damaged"}'

@@ -18,10 +18,10 @@ from langgraph.types import Command
 from pydantic import BaseModel
 
 from keelgraph import Contract, build_graph, with_policy
+from keelgraph.apps.support.desk import make_contract, make_tools, seed_database
 from keelgraph.graphs import history
-from keelgraph.graphs._prompt import kind_of
 from keelgraph.graphs.history import archive_namespace, transcript
-from keelgraph.graphs.support import make_contract, make_tools, seed_database
+from keelgraph.graphs.prompt import kind_of
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 

@@ -21,7 +21,7 @@ from langgraph.checkpoint.conformance.capabilities import BASE_CAPABILITIES, Cap
 from langgraph.checkpoint.conformance.initializer import RegisteredCheckpointer
 
 from keelgraph.graphs.persistence import StorableSerializer, async_checkpointer
-from keelgraph.postgres import create_database
+from keelgraph.testing.postgres import create_database
 
 # Optional capabilities the stock savers do not implement at the pinned versions
 # (langgraph-checkpoint-sqlite 3.1.2, langgraph-checkpoint-postgres 3.2.0): the suite detects a

@@ -15,8 +15,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, UserError, build_graph, with_policy
-from keelgraph.cli import main
-from keelgraph.eval import (
+from keelgraph.commands.cli import main
+from keelgraph.commands.eval import (
     Case,
     Turn,
     compare,
@@ -453,7 +453,7 @@ def test_cli_replays_recorded_threads_against_a_new_prompt(
 
 
 def test_the_main_jobs_dataset_is_valid() -> None:
-    from keelgraph.cli import default_eval_dataset
+    from keelgraph.commands.cli import default_eval_dataset
 
     cases = load_dataset(default_eval_dataset())
     assert len(cases) >= 12

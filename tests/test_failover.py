@@ -21,10 +21,9 @@ from langgraph.types import RetryPolicy
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, UserError, build_graph, sqlite_checkpointer
-from keelgraph import faultproxy as faultproxy_module
-from keelgraph import models as models_module
 from keelgraph.graphs import graph_builder
-from keelgraph.models import (
+from keelgraph.runtime import models as models_module
+from keelgraph.runtime.models import (
     ModelChain,
     ModelUnavailable,
     as_chain,
@@ -35,6 +34,7 @@ from keelgraph.models import (
 )
 from keelgraph.settings import Settings
 from keelgraph.testing import ScriptedChatModel, answer, call
+from keelgraph.testing import faultproxy as faultproxy_module
 
 REQUEST = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
 REQUEST2 = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")  # what openai sends with

@@ -25,7 +25,7 @@ from keelgraph import (
     with_policy,
 )
 from keelgraph.contracts.repair import not_equal_pattern
-from keelgraph.graphs.nodes import DECISIVE_REPAIR_TEMPERATURE, REPAIR_TEMPERATURE
+from keelgraph.graphs.model_call import DECISIVE_REPAIR_TEMPERATURE, REPAIR_TEMPERATURE
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.mmd"
@@ -659,7 +659,7 @@ def test_repair_temperature_is_greedy_after_a_draw_and_resamples_after_a_greedy_
     from types import SimpleNamespace
 
     from keelgraph.contracts.repair import RepairPlan
-    from keelgraph.graphs.nodes import repair_temperature
+    from keelgraph.graphs.model_call import repair_temperature
 
     sampled, greedy, unknown = (SimpleNamespace(temperature=t) for t in (0.7, 0.0, None))
     open_plan, decisive = RepairPlan({}), RepairPlan({}, decisive=True)

@@ -12,7 +12,6 @@ from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMes
 from langgraph.store.memory import InMemoryStore
 
 from keelgraph.graphs import history
-from keelgraph.graphs._prompt import kind_of, tagged
 from keelgraph.graphs.history import (
     ArchivedTurn,
     archive_namespace,
@@ -24,6 +23,7 @@ from keelgraph.graphs.history import (
     recent_history,
     window,
 )
+from keelgraph.graphs.prompt import kind_of, tagged
 
 
 def turn(n: int, *, tools: int = 1, answered: bool = True, rejected: bool = False) -> list[AnyMessage]:

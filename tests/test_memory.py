@@ -20,6 +20,7 @@ from langgraph.store.base import BaseStore
 from langgraph.store.memory import InMemoryStore
 
 from keelgraph import UserError, sqlite_checkpointer
+from keelgraph.apps.support.desk import make_graph, stated_preferences
 from keelgraph.graphs import memory
 from keelgraph.graphs.memory import (
     MemoryUnavailable,
@@ -34,7 +35,6 @@ from keelgraph.graphs.memory import (
     vector_connect,
 )
 from keelgraph.graphs.persistence import async_store, store
-from keelgraph.graphs.support import make_graph, stated_preferences
 from keelgraph.testing import ScriptedChatModel, answer
 
 pytestmark = pytest.mark.skipif(

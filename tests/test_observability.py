@@ -1,4 +1,4 @@
-"""One structured record, and an OpenTelemetry span, per node run (`keelgraph.observability`)."""
+"""One structured record, and an OpenTelemetry span, per node run (`keelgraph.runtime.observability`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from langgraph.runtime import Runtime
 from pydantic import BaseModel
 
 from keelgraph import Context, Contract, build_graph, with_policy
-from keelgraph.observability import LOGGER, JsonFormatter, configure_from_env, traced
+from keelgraph.runtime.observability import LOGGER, JsonFormatter, configure_from_env, traced
 from keelgraph.testing import ScriptedChatModel, answer, call
 from keelgraph.tools import MemoryLedger
 

@@ -170,3 +170,42 @@ def test_grammar_safe_keeps_small_counts_and_field_names() -> None:
             "default": {"type": "array", "minItems": 1},
         },
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "recoveries"),
+    [
+        ('{"a": "x,]", "b": [1,],}', {"a": "x,]", "b": [1]}, ("removed trailing commas",)),
+        ('{"a": "q\\",]"  ,\n }', {"a": 'q",]'}, ("removed trailing commas",)),
+        ("```JSON\n[1,\n 2,\n]\n```", [1, 2], ("removed a code fence", "removed trailing commas")),
+        ('```\n{"a": 1}\n```', {"a": 1}, ("removed a code fence",)),
+        (
+            'Here: [1, [2, {"b": [],},],] thanks',
+            [1, [2, {"b": []}]],
+            ("ignored text around the JSON", "removed trailing commas"),
+        ),
+        ('{"smile": "\\ud83d\\ude00"}', {"smile": "\U0001f600"}, ()),
+    ],
+)
+def test_recovery_is_string_aware(text: str, value: object, recoveries: tuple[str, ...]) -> None:
+    parsed = parse_json(text)
+    assert parsed.value == value
+    assert parsed.recoveries == recoveries
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "reason"),
+    [
+        ('{"a": {"b": [1, 1e400]}}', "a.b[1]", "the number 1e400 is too large"),
+        ('{"a": -Infinity}', "a", "-Infinity is not valid JSON"),
+        ("[" * 100 + "]" * 100, "(root)", "nested more than 64 levels deep"),
+        ('{"a": "\\ud800"}', "a", "the string holds a lone surrogate"),
+        ('{"n": ' + "1" * 5000 + "}", "n", "the integer 111"),
+    ],
+)
+def test_refusals_name_the_path(text: str, field: str, reason: str) -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_json(text)
+    assert caught.value.problem.field == field
+    assert reason in caught.value.problem.reason
+    assert caught.value.problems[0] is caught.value.problem

@@ -21,12 +21,12 @@ from langchain_core.tools import StructuredTool
 from langgraph.types import Command
 from pydantic import BaseModel, Field
 
-import keelgraph.postgres
+import keelgraph.testing.postgres
 from keelgraph import Contract, InputRejected, UserError, build_graph, unwrap
 from keelgraph.graphs import persistence
 from keelgraph.graphs.persistence import async_checkpointer, async_store, checkpointer, default_target, store
-from keelgraph.postgres import LocalPostgres, find_pg_bin
 from keelgraph.testing import ScriptedChatModel, answer, call
+from keelgraph.testing.postgres import LocalPostgres, find_pg_bin
 from keelgraph.tools import MemoryLedger, with_policy
 
 ROOT = Path(__file__).parents[1]
@@ -271,14 +271,14 @@ async def test_an_unreachable_database_is_a_user_error_without_the_password() ->
 
 def test_the_module_examples_run() -> None:
     assert doctest.testmod(persistence).failed == 0
-    assert doctest.testmod(keelgraph.postgres).failed == 0
+    assert doctest.testmod(keelgraph.testing.postgres).failed == 0
 
 
 # --- the local cluster ---------------------------------------------------------------------
 
 
 def test_no_postgresql_is_a_clear_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(keelgraph.postgres, "find_pg_bin", lambda: None)
+    monkeypatch.setattr(keelgraph.testing.postgres, "find_pg_bin", lambda: None)
     with pytest.raises(UserError, match=r"PostgreSQL is not installed: run `bash .ci/setup`"):
         LocalPostgres(tmp_path).start()
     with pytest.raises(UserError, match="not running"):
@@ -318,7 +318,7 @@ def test_a_cluster_dies_with_the_process_that_started_it(pg_dir: Path) -> None:
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from keelgraph.postgres import LocalPostgres\n"
+        "from keelgraph.testing.postgres import LocalPostgres\n"
         "pg = LocalPostgres(Path(sys.argv[1]), fsync=False)\n"
         "print(pg.start(), flush=True)\n"
         "time.sleep(600)\n"
@@ -333,9 +333,9 @@ def test_a_cluster_dies_with_the_process_that_started_it(pg_dir: Path) -> None:
         os.kill(child.pid, signal.SIGKILL)  # no atexit runs
         child.wait(10)
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and keelgraph.postgres._alive(postmaster):
+        while time.monotonic() < deadline and keelgraph.testing.postgres._alive(postmaster):
             time.sleep(0.1)
-        assert not keelgraph.postgres._alive(postmaster)
+        assert not keelgraph.testing.postgres._alive(postmaster)
         assert "database system is shut down" in (pg_dir / "postgres.log").read_text()
     finally:
         if child.poll() is None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from keelgraph import UserError, build_graph, sqlite_checkpointer
-from keelgraph.cli import main
+from keelgraph.commands.cli import main
 from keelgraph.graphs.retention import checkpoint_time, prune
 from keelgraph.testing import ScriptedChatModel, answer
 from keelgraph.tools import SqliteLedger

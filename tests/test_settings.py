@@ -7,7 +7,7 @@ from pydantic import BaseModel
 
 from keelgraph import Settings, UserError
 from keelgraph.graphs import infer_strategy
-from keelgraph.models import chat_model
+from keelgraph.runtime.models import chat_model
 from keelgraph.testing import ScriptedChatModel
 
 
@@ -56,7 +56,7 @@ def test_every_reply_has_an_output_cap_that_the_server_honours() -> None:
     from langchain_core.messages import HumanMessage
 
     from keelgraph import Contract
-    from keelgraph.graphs.nodes import _bind
+    from keelgraph.graphs.model_call import bind as _bind
 
     settings = Settings.from_env({"KEELGRAPH_MAX_TOKENS": "300"})
     local = chat_model(settings, base_url="http://127.0.0.1:1/v1")

@@ -13,7 +13,7 @@ import pytest
 from langgraph.types import Command
 
 from keelgraph import sqlite_checkpointer
-from keelgraph.graphs.support import make_graph, reports_problem, seed_database
+from keelgraph.apps.support.desk import make_graph, reports_problem, seed_database
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 
@@ -114,7 +114,7 @@ SCRIPT = textwrap.dedent(
     import sys
     from pathlib import Path
     from keelgraph import sqlite_checkpointer
-    from keelgraph.graphs.support import make_graph
+    from keelgraph.apps.support.desk import make_graph
     from keelgraph.testing import ScriptedChatModel, answer
     tmp = Path(sys.argv[1])
     model = ScriptedChatModel([answer(reply="Turn " + sys.argv[2])])

@@ -1,5 +1,12 @@
 """Tool integration: validated arguments, deadlines, side-effect classes, fenced results."""
 
+if __name__ != "keelgraph.tools":  # run from the repository root, the folder would import as a second package
+    raise ImportError(
+        f"import keelgraph.tools, not {__name__}: the tools/ folder is part of the keelgraph package "
+        "(install it with `bash .ci/setup` or `pip install -e .`), and a second copy under another "
+        "name would define its own classes that keelgraph's code does not catch"
+    )
+
 from keelgraph.tools.execution import (
     CallOutcome,
     GuardContext,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from keelgraph.contracts.errors import Problem, explain
 from keelgraph.contracts.parsing import storable
 from keelgraph.tools.ledger import running_with_key
+from keelgraph.tools.retry import Backoff, retry_after
 
 __all__ = [
     "Approval",
@@ -59,10 +60,14 @@ class ToolPolicy:
     cancelled; a sync one is abandoned (its thread cannot be killed) and never waited for."""
     retries: int = 0
     """Further tries after a transient failure (an exception in `retry_on`), with exponential
-    backoff from `backoff_s`. `write`/`external` tools retry only when `idempotent`."""
+    backoff from `backoff_s`, or the wait the failure's response asks for (`retry-after-ms`,
+    `Retry-After`). `write`/`external` tools retry only when `idempotent`."""
     retry_on: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     """Exceptions that mean "try again later" rather than "this call is wrong"."""
     backoff_s: float = 0.5
+    max_retry_wait_s: float = 30.0
+    """The longest wait between tries; when a response asks for longer, the failure is reported
+    at once instead."""
     side_effect: SideEffect = "read"
     """`read` tools may be repeated safely; `write` and `external` ones change the world."""
     max_output_chars: int = 4_000
@@ -253,13 +258,17 @@ def run_tool_call(
             kind="tool_args",
         )
     tries = 1 + (policy.retries if policy.side_effect == "read" or policy.idempotent else 0)
+    backoff = Backoff(policy.backoff_s, cap_s=policy.max_retry_wait_s)
     started = time.perf_counter()
     for number in range(1, tries + 1):
         box = _attempt_call(tool, args, policy.timeout_s, effect_key)
         error = box.get("error")
         if number == tries or not isinstance(error, policy.retry_on):
             break
-        time.sleep(policy.backoff_s * 2 ** (number - 1))
+        wait = backoff.delay(number, retry_after=retry_after(error))
+        if wait is None:  # the service asks for longer than the policy waits
+            break
+        time.sleep(wait)
     seconds = time.perf_counter() - started
     failure: tuple[Literal["timeout", "tool_error"], str, str] | None = None
     tried = f" ({number} tries)" if number > 1 else ""

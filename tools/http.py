@@ -11,7 +11,6 @@ import string
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, ClassVar, Final
 from urllib.parse import quote
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from keelgraph.contracts.errors import KeelgraphError, UserError, explain
 from keelgraph.tools.execution import SideEffect, with_policy
+from keelgraph.tools.retry import Backoff, retry_after
 
 __all__ = [
     "ArgumentRejected",
@@ -137,6 +137,11 @@ class _Endpoint:
     client: httpx.Client = field(repr=False)
 
     @property
+    def backoff(self) -> Backoff:
+        """0.5 s, 1 s, 2 s, ... up to `max_retry_wait_s`, which also caps a server-asked wait."""
+        return Backoff(_BACKOFF_S, cap_s=self.max_retry_wait_s)
+
+    @property
     def budget_s(self) -> float:
         """The most one call may take: every attempt at its timeout plus every wait between them."""
         return self.timeout_s * (self.retries + 1) + self.max_retry_wait_s * self.retries
@@ -192,7 +197,7 @@ def http_tool(
     - `timeout_s`: the limit for each attempt (connecting, and waiting for the whole body).
     - `retries`: idempotent methods are retried on timeouts, broken connections and 429/502/503/504,
       with exponential backoff (0.5 s, 1 s, 2 s, ...) capped at `max_retry_wait_s`, honouring
-      `Retry-After` up to that cap (a longer wait is reported to the model instead). Any method is
+      `retry-after-ms`/`Retry-After` up to that cap (a longer wait is reported to the model instead). Any method is
       retried when the connection could not be opened, since nothing was sent.
     - `max_response_bytes`: the body is streamed and reading stops past the cap. Text is returned
       cut, with a note; JSON that does not fit is an error.
@@ -427,13 +432,14 @@ def _send(endpoint: _Endpoint, url: httpx.URL, params: Mapping[str, Any] | None,
     deadline = time.monotonic() + endpoint.budget_s
     idempotent = endpoint.method in _IDEMPOTENT
     attempts = endpoint.retries + 1
+    wait: float | None
     for attempt in range(1, attempts + 1):
         try:
             reply = _exchange(endpoint, url, params, body, deadline)
         except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
             # A connection that never opened carried nothing: safe to retry for any method.
             never_sent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-            wait = _backoff(endpoint, attempt)
+            wait = endpoint.backoff.delay(attempt)
             if attempt >= attempts or not (idempotent or never_sent) or time.monotonic() + wait >= deadline:
                 raise _unreachable(endpoint, url, exc, attempt) from exc
             _log.info("http tool %s: %s, retrying in %.1f s", endpoint.name, type(exc).__name__, wait)
@@ -442,9 +448,8 @@ def _send(endpoint: _Endpoint, url: httpx.URL, params: Mapping[str, Any] | None,
         else:
             if reply.status not in _RETRY_STATUSES or not idempotent or attempt >= attempts:
                 return reply
-            asked = _retry_after(reply.headers)
-            wait = asked if asked is not None else _backoff(endpoint, attempt)
-            if wait > endpoint.max_retry_wait_s or time.monotonic() + wait >= deadline:
+            wait = endpoint.backoff.delay(attempt, retry_after=retry_after(reply.headers))
+            if wait is None or time.monotonic() + wait >= deadline:
                 return reply  # waiting past the budget helps no one: the model hears when to try again
             _log.info("http tool %s: HTTP %d, retrying in %.1f s", endpoint.name, reply.status, wait)
         _sleep(wait)
@@ -453,25 +458,6 @@ def _send(endpoint: _Endpoint, url: httpx.URL, params: Mapping[str, Any] | None,
 
 def _sleep(seconds: float) -> None:
     time.sleep(seconds)
-
-
-def _backoff(endpoint: _Endpoint, attempt: int) -> float:
-    """The wait after failed attempt number `attempt` (from 1): 0.5 s, 1 s, 2 s, ... up to the cap."""
-    return min(_BACKOFF_S * 2.0 ** (attempt - 1), endpoint.max_retry_wait_s)
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """`Retry-After` in seconds (delta-seconds or an HTTP date), or None when absent or unreadable."""
-    value = headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _unreachable(endpoint: _Endpoint, url: httpx.URL, exc: httpx.HTTPError, tries: int) -> HttpToolError:
@@ -642,7 +628,7 @@ def _validated(endpoint: _Endpoint, what: str, parsed: Any) -> Any:
 
 def _status_error(endpoint: _Endpoint, values: BaseModel, reply: _Reply) -> HttpStatusError:
     status = reply.status
-    retry_after = _retry_after(reply.headers)
+    asked = retry_after(reply.headers)
     if status == 404:
         ids = ", ".join(f"{p}={getattr(values, p)!r}" for p in endpoint.path_params)
         hint = (
@@ -653,12 +639,12 @@ def _status_error(endpoint: _Endpoint, values: BaseModel, reply: _Reply) -> Http
     elif status in {401, 403}:
         hint = "the tool's credentials were refused; changing the arguments will not help, tell the user"
     elif status in {408, 429}:
-        later = f" (the service asks to wait {retry_after:g} s)" if retry_after is not None else ""
+        later = f" (the service asks to wait {asked:g} s)" if asked is not None else ""
         hint = f"the service is busy; try again later{later}, or answer without this data"
     elif 400 <= status < 500:
         hint = "fix the arguments as the response says and call again"
     elif status >= 500:
-        later = f" (the service asks to wait {retry_after:g} s)" if retry_after is not None else ""
+        later = f" (the service asks to wait {asked:g} s)" if asked is not None else ""
         hint = f"the service failed; try again later{later}, or answer without this data"
     else:
         hint = "the service answered unexpectedly; do not repeat the call"
@@ -667,7 +653,7 @@ def _status_error(endpoint: _Endpoint, values: BaseModel, reply: _Reply) -> Http
     return HttpStatusError(
         f"HTTP {status} {reply.reason} from {endpoint.method} {_shown(reply.url)}{said} -> {hint}",
         status=status,
-        retry_after_s=retry_after,
+        retry_after_s=asked,
     )
 
 

@@ -12,7 +12,8 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, build_graph, with_policy
-from keelgraph.graphs.support import make_graph, scripted_desk
+from keelgraph.apps.support.desk import make_graph
+from keelgraph.apps.support.scripted import scripted_desk
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from langgraph.types import Command
 
+from keelgraph.apps.support.desk import make_graph
+from keelgraph.apps.support.scripted import scripted_desk
 from keelgraph.graphs.persistence import checkpointer
-from keelgraph.graphs.support import make_graph, scripted_desk
 
 
 def _answer(result: dict[str, Any]) -> dict[str, Any]:

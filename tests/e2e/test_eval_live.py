@@ -1,6 +1,6 @@
 """`keelgraph eval` on the main job's dataset with the embedded model: the README's commands.
 
-The first run is compared with the committed baseline (`graphs/evals/support.baseline.json`),
+The first run is compared with the committed baseline (`apps/support/evals/support.baseline.json`),
 so CI fails when the main job drifts; it also saves a fresh baseline. The second and third runs
 evaluate a deliberately degraded prompt and a degraded model against that fresh baseline and must fail.
 """

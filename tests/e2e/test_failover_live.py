@@ -14,9 +14,9 @@ from pydantic import BaseModel, Field
 
 import keelgraph
 from keelgraph import Contract, build_graph
-from keelgraph.faultproxy import Fault, FaultProxy
-from keelgraph.models import ModelChain, ModelUnavailable, chat_model
+from keelgraph.runtime.models import ModelChain, ModelUnavailable, chat_model
 from keelgraph.settings import Settings
+from keelgraph.testing.faultproxy import Fault, FaultProxy
 
 TIMEOUT_S = 60.0
 """The client timeout where timeouts are not the point: the model server may be busy with other runs."""

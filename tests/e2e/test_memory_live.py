@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from keelgraph import sqlite_checkpointer
+from keelgraph.apps.support.desk import make_graph
 from keelgraph.graphs.memory import memories, memory_available
 from keelgraph.graphs.persistence import store
-from keelgraph.graphs.support import make_graph
 
 pytestmark = [
     pytest.mark.e2e,

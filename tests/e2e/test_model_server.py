@@ -8,7 +8,8 @@ import socket
 import httpx
 from langchain_core.messages import HumanMessage
 
-from keelgraph.models import LocalModelServer, chat_model
+from keelgraph.local.embedded import LocalModelServer
+from keelgraph.runtime.models import chat_model
 from keelgraph.settings import Settings
 
 

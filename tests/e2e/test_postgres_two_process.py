@@ -16,8 +16,8 @@ import httpx
 import pytest
 from langgraph_sdk import get_sync_client
 
-from keelgraph.auth import TokenFile
-from keelgraph.serve import DevServer, write_config
+from keelgraph.serving.auth import TokenFile
+from keelgraph.serving.serve import DevServer, write_config
 
 ROOT = Path(__file__).parents[2]
 WORKER = Path(__file__).with_name("pg_worker.py")

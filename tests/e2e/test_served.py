@@ -12,8 +12,8 @@ import pytest
 from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
 
-from keelgraph.auth import TokenFile
-from keelgraph.serve import DevServer, write_config
+from keelgraph.serving.auth import TokenFile
+from keelgraph.serving.serve import DevServer, write_config
 
 ROOT = Path(__file__).parents[2]
 GRAPH = "support"

@@ -26,8 +26,8 @@ from langgraph_sdk import get_client, get_sync_client
 from langgraph_sdk.client import LangGraphClient
 from typing_extensions import TypedDict
 
-from keelgraph.auth import TokenFile
-from keelgraph.serve import DevServer, write_config
+from keelgraph.serving.auth import TokenFile
+from keelgraph.serving.serve import DevServer, write_config
 
 ROOT = Path(__file__).parents[2]
 SCRIPTED = {

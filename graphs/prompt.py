@@ -18,9 +18,8 @@ from langchain_core.messages import (
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel
 
-from keelgraph.contracts.decision import ANSWER, inline_refs
+from keelgraph.contracts.decision import ANSWER, Strategy, inline_refs
 
-Strategy = Literal["json_object", "json_schema", "prompted", "tool_calling"]
 Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]
 KIND_KEY = "keelgraph"
 

@@ -56,7 +56,7 @@ class Fault:
     def error(cls, status: int, *, retry_after: float | None = None, body: bytes | None = None) -> Fault:
         """Answer `status` at once (429, 500, 502, 503...) with an OpenAI-style error body."""
         if body is None:
-            message = f"{status} {HTTPStatus(status).phrase} (injected by keelgraph.faultproxy)"
+            message = f"{status} {HTTPStatus(status).phrase} (injected by keelgraph.testing.faultproxy)"
             body = json.dumps({"error": {"message": message, "type": "injected", "code": status}}).encode()
         return cls("error", status=status, retry_after=retry_after, body=body)
 

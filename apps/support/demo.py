@@ -48,8 +48,8 @@ def run_demo(thread_id: str | None = None) -> int:
     """Run the scripted session against the configured or embedded model; print outputs and totals."""
     from langgraph.types import Command
 
-    from keelgraph.graphs.support import make_graph
-    from keelgraph.models import default_model
+    from keelgraph.apps.support.desk import make_graph
+    from keelgraph.runtime.models import default_model
 
     settings = Settings.from_env()
     started = time.perf_counter()

@@ -26,14 +26,14 @@ __all__ = ["checkpointer", "store"]
 
 @asynccontextmanager
 async def checkpointer() -> AsyncIterator[BaseCheckpointSaver[Any]]:
-    """The served graphs' checkpointer (`"checkpointer": {"path": "./graphs/serving.py:checkpointer"}`)."""
+    """The served graphs' checkpointer (`"checkpointer": {"path": "./keel/serving/persistence.py:checkpointer"}`)."""
     async with async_checkpointer() as saver:
         yield saver
 
 
 @asynccontextmanager
 async def store() -> AsyncIterator[BaseStore]:
-    """The served graphs' long-term store (`"store": {"path": "./graphs/serving.py:store"}`), searchable
+    """The served graphs' long-term store (`"store": {"path": "./keel/serving/persistence.py:store"}`), searchable
     by meaning when the memory extra is installed (`index="auto"`, see `keelgraph.graphs.memory`)."""
     async with async_store(index="auto") as opened:
         yield opened

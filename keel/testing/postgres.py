@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from keelgraph._process import free_port
 from keelgraph.contracts.errors import UserError
+from keelgraph.local.processes import free_port, spawn, stop_group
 
 __all__ = ["LocalPostgres", "create_database", "find_pg_bin"]
 
@@ -169,13 +169,7 @@ class LocalPostgres:
             _STARTED.append(self)
         postmaster = self._postmaster_pid()
         if postmaster is not None:
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-I", "-c", _WATCHDOG, str(os.getpid()), str(postmaster)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            self._watchdog = spawn([sys.executable, "-I", "-c", _WATCHDOG, str(os.getpid()), str(postmaster)])
         self.started_in_s = time.monotonic() - started
         return self.url
 
@@ -185,9 +179,7 @@ class LocalPostgres:
             return
         self._running = False
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.kill()
-            watchdog.wait()
+        stop_group(watchdog)  # first, so it does not signal the server being shut down
         pid = self._postmaster_pid()
         bin_dir = find_pg_bin()
         if bin_dir is not None:

@@ -2,7 +2,7 @@
 
 A graph built with `build_graph(..., cache=...)` looks every model call up by `cache_key` before
 making it. A reply is written only once it is known good: at the end of a turn that ended `ok`,
-every reply of that turn that was not rejected (see `keelgraph.graphs.nodes`). A failed or
+every reply of that turn that was not rejected (see `keelgraph.graphs.check`). A failed or
 invalid answer, and a transport error, is never kept.
 """
 
@@ -45,7 +45,7 @@ class ModelCache(Protocol):
 
 def model_identity(model: Any) -> dict[str, Any]:
     """What tells one model from another in a key: its label and the settings that shape a reply."""
-    from keelgraph.models import model_label
+    from keelgraph.runtime.models import model_label
 
     identity: dict[str, Any] = {"label": model if isinstance(model, str) else model_label(model)}
     for attr in ("model_name", "temperature", "max_tokens", "top_p", "seed", "openai_api_base"):

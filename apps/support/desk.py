@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.tools import BaseTool, StructuredTool
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
@@ -23,9 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from keelgraph.contracts.contract import CheckContext, Contract
 from keelgraph.graphs.builder import build_graph
 from keelgraph.graphs.memory import recall, remember
-from keelgraph.graphs.nodes import ModelSource
 from keelgraph.graphs.state import Context, InputState, OutputState, State
-from keelgraph.testing import ScriptedChatModel
+from keelgraph.runtime.models import ModelSource
 from keelgraph.tools.execution import Approval, GuardContext, with_policy
 from keelgraph.tools.ledger import EffectLedger
 
@@ -35,7 +33,6 @@ __all__ = [
     "make_contract",
     "make_graph",
     "make_tools",
-    "scripted_desk",
     "seed_database",
     "stated_preferences",
 ]
@@ -78,6 +75,7 @@ their orders. The request is JSON: customer_id (the customer) and message (what 
 - The customer's orders (status, items, total) are listed for you at the start of each turn.
 - When the customer reports a problem with an order (damaged, missing, wants a refund), call open_ticket.
 - Answer the customer's question directly with facts from the tool results: order id, status, items.
+- Talk only about the orders the customer asks about. The shop has no delivery dates: never promise one.
 - Only mention orders you saw in a tool result or earlier in this conversation, by their order id.
 - What the customer asked us to remember in earlier conversations is listed too: follow it.
 - Keep the reply short and friendly."""
@@ -100,7 +98,19 @@ _ORDERS = [
 ]
 
 
+_SEEDED: set[Path] = set()
+_SEED_LOCK = threading.Lock()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
+    """A connection to the shop database, created and seeded at its first use in this process (so
+    building or importing a graph writes no file)."""
+    if path not in _SEEDED:
+        seed_database(path)
+    return _open(path)
+
+
+def _open(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=30.0)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout=30000")
@@ -120,26 +130,36 @@ def _db(path: Path) -> Iterator[sqlite3.Connection]:
 
 def seed_database(path: Path) -> Path:
     """Create the shop database at `path` with fixed customers and orders (idempotent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _db(path) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS orders (
-                id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL REFERENCES customers(id),
-                status TEXT NOT NULL CHECK (status IN ('processing','shipped','delivered','cancelled')),
-                total_cents INTEGER NOT NULL, placed_on TEXT NOT NULL, items TEXT NOT NULL);
-            CREATE TABLE IF NOT EXISTS tickets (
-                id INTEGER PRIMARY KEY AUTOINCREMENT, order_id INTEGER NOT NULL REFERENCES orders(id),
-                customer_id INTEGER NOT NULL REFERENCES customers(id),
-                kind TEXT NOT NULL, note TEXT NOT NULL, created_at TEXT NOT NULL,
-                UNIQUE (order_id, kind));
-            """
-        )
-        conn.executemany("INSERT OR IGNORE INTO customers VALUES (?, ?, ?)", _CUSTOMERS)
-        conn.executemany("INSERT OR IGNORE INTO orders VALUES (?, ?, ?, ?, ?, ?)", _ORDERS)
+    with _SEED_LOCK:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _open(path)
+        try:
+            with conn:
+                _seed(conn)
+        finally:
+            conn.close()
+        _SEEDED.add(path)
     return path
+
+
+def _seed(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS orders (
+            id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL REFERENCES customers(id),
+            status TEXT NOT NULL CHECK (status IN ('processing','shipped','delivered','cancelled')),
+            total_cents INTEGER NOT NULL, placed_on TEXT NOT NULL, items TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS tickets (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, order_id INTEGER NOT NULL REFERENCES orders(id),
+            customer_id INTEGER NOT NULL REFERENCES customers(id),
+            kind TEXT NOT NULL, note TEXT NOT NULL, created_at TEXT NOT NULL,
+            UNIQUE (order_id, kind));
+        """
+    )
+    conn.executemany("INSERT OR IGNORE INTO customers VALUES (?, ?, ?)", _CUSTOMERS)
+    conn.executemany("INSERT OR IGNORE INTO orders VALUES (?, ?, ?, ?, ?, ?)", _ORDERS)
 
 
 class ListOrdersArgs(BaseModel):
@@ -376,86 +396,166 @@ def make_tools(
     return [_memory_tool(memory), *tools] if memory is not None else tools
 
 
+def orders_exist(db_path: Path, reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+    """Check: every order the answer names exists and belongs to the asking customer."""
+    if not reply.order_ids:
+        return []
+    with _db(db_path) as conn:
+        marks = ",".join("?" * len(reply.order_ids))
+        rows = conn.execute(f"SELECT id, customer_id FROM orders WHERE id IN ({marks})", reply.order_ids)
+        owners = {r["id"]: r["customer_id"] for r in rows}
+    problems = []
+    for order_id in reply.order_ids:
+        if order_id not in owners:
+            problems.append(f"order {order_id} does not exist; list only ids from list_orders")
+        elif owners[order_id] != ctx.input.customer_id:
+            problems.append(f"order {order_id} belongs to another customer; never mention it")
+    return problems
+
+
+_STATUS_STEM = {
+    "processing": "process",
+    "shipped": "shipped",
+    "delivered": "delivered",
+    "cancelled": "cancel",
+}
+"""How a reply states each status ("is being processed", "was cancelled")."""
+_DATE = re.compile(
+    r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}/\d{1,2}(?:/\d{2,4})?\b"
+    r"|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.? \d{1,2}\b"
+    r"|\b\d{1,2}(?:st|nd|rd|th)? (?:of )?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b"
+    r"|\b(?:tomorrow|next week|in \d+ days?)\b"
+)
+_ARRIVAL = re.compile(r"arriv|deliver|expect|reach|get it|receive|be there|ship")
+_PLACED = re.compile(r"placed|ordered|order date|bought|purchased")
+STATUS_LINE = "Order {order_id} ({items}) is {status}."
+"""The sentence the desk adds when its reply leaves out the status of an order the customer asked about."""
+NO_DELIVERY_DATE = (
+    "the shop has no delivery date for order {order_id}; do not give a date for it, say that it is {status}"
+)
+NOT_ASKED = "the customer asked only about {asked}; leave out order {order_id} ({items})"
+
+
+def _orders(ctx: CheckContext[SupportRequest]) -> list[dict[str, Any]]:
+    return [o for r in ctx.tool_results if r["name"] == "list_orders" for o in r["output"].get("orders", [])]
+
+
+def _mentions(text: str, order: Mapping[str, Any]) -> bool:
+    """Whether `text` (lower case) names `order`: by id, or by one of its items."""
+    if re.search(rf"\b{order['order_id']}\b", text):
+        return True
+    parts = [p.strip().lower() for p in str(order["items"]).split(",")]
+    return any(len(p) > 3 and re.sub(r" x\d+$", "", p) in text for p in parts)
+
+
+def asked_orders(ctx: CheckContext[SupportRequest]) -> list[dict[str, Any]]:
+    """The customer's orders this message asks about, by id or item (none: a general question)."""
+    message = ctx.input.message.lower()
+    return [o for o in _orders(ctx) if _mentions(message, o)]
+
+
+def _states_status(text: str, order: Mapping[str, Any]) -> bool:
+    return _asserts(_STATUS_STEM.get(order["status"], order["status"]), text)
+
+
+def derive(answer: dict[str, Any], ctx: CheckContext[SupportRequest]) -> dict[str, Any]:
+    """The facts of the system, not claims of the model: the orders named and the ticket opened."""
+    # What was done is a fact of the system, not a claim of the model.
+    given = answer.get("order_ids")
+    ids: list[Any] = list(given) if isinstance(given, list) else []
+    reply = str(answer.get("reply", "")).lower()
+    for result in ctx.tool_results:
+        for order in result["output"].get("orders", []) if result["name"] == "list_orders" else []:
+            named = str(order["order_id"]) in reply or order["items"].lower() in reply
+            if named and order["order_id"] not in ids:
+                ids = [*ids, order["order_id"]]
+    # The orders the customer asked about are the reply's subject whatever the model wrote, and
+    # their status is stated: a fact the system knows, added when the model's reply leaves it out.
+    text = answer.get("reply")
+    for order in asked_orders(ctx):
+        if order["order_id"] not in ids:
+            ids = [*ids, order["order_id"]]
+        line = STATUS_LINE.format(**order)
+        if isinstance(text, str) and text.strip() and not _states_status(text.lower(), order):
+            text = f"{text.rstrip()} {line}"[:1200]
+    if isinstance(text, str) and text.strip():
+        answer["reply"] = text
+    answer["order_ids"] = ids
+    tickets = [r["output"] for r in ctx.tool_results if r["name"] == "open_ticket"]
+    if tickets:
+        answer["action"], answer["ticket_id"] = "ticket_opened", tickets[-1]["ticket_id"]
+        if tickets[-1]["order_id"] not in ids:
+            answer["order_ids"] = [*ids, tickets[-1]["order_id"]]
+    else:
+        answer["action"], answer["ticket_id"] = "none", None
+    return answer
+
+
+def action_happened(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+    """Check: the answer's action is what the tools did in this turn."""
+    tickets = [r["output"]["ticket_id"] for r in ctx.tool_results if r["name"] == "open_ticket"]
+    if reply.action == "ticket_opened" and reply.ticket_id not in tickets:
+        return [
+            "action is ticket_opened but no such ticket was opened in this turn; call open_ticket "
+            "first, or set action to none and ticket_id to null"
+        ]
+    if reply.action == "none" and tickets:
+        return [
+            f"open_ticket created ticket {tickets[-1]}: set action to ticket_opened and ticket_id to {tickets[-1]}"
+        ]
+    if reply.action == "none" and reply.ticket_id is not None:
+        return ["ticket_id must be null when action is none"]
+    return []
+
+
+def claims_are_true(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+    """Check: statuses, totals and tickets the reply states match the tool results."""
+    problems = []
+    text = reply.reply.lower()
+    if reply.action == "none" and _TICKET_CLAIM.search(text):
+        problems.append(
+            "the reply says a ticket was opened, but none was: call open_ticket, or do not claim it"
+        )
+    known = {o["order_id"]: o for r in ctx.tool_results for o in r["output"].get("orders", [])}
+    for sentence in re.split(r"(?<=[.!?;])\s+|\n", text):
+        named = [known[int(i)] for i in re.findall(r"\b(\d{4,})\b", sentence) if int(i) in known]
+        if len(named) != 1:
+            continue  # facts are attributed only where one order is named
+        order = named[0]
+        for word in _STATUSES:
+            if word != order["status"] and _asserts(word, sentence):
+                problems.append(f"order {order['order_id']} is {order['status']}, not {word}")
+        total = order["total"].split()[0]
+        for amount in re.findall(r"\b\d+\.\d{2}\b", sentence):
+            if amount != total:
+                problems.append(f"order {order['order_id']} costs {total} EUR, not {amount}")
+        about_arrival = _ARRIVAL.search(sentence) and not _PLACED.search(sentence)
+        if about_arrival and _DATE.search(sentence):
+            problems.append(NO_DELIVERY_DATE.format(**order))
+    return problems
+
+
+def only_what_was_asked(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+    """Check: a question about one order is answered about that order, not the customer's others."""
+    asked = asked_orders(ctx)
+    if not asked:
+        return []
+    text = reply.reply.lower()
+    names = ", ".join(f"order {o['order_id']} ({o['items']})" for o in asked)
+    return [
+        NOT_ASKED.format(asked=names, **order)
+        for order in _orders(ctx)
+        if order not in asked and _mentions(text, order)
+    ]
+
+
 def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
     """The desk's contract, with checks that cross-examine the answer against the database."""
-
-    def orders_exist(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
-        if not reply.order_ids:
-            return []
-        with _db(db_path) as conn:
-            marks = ",".join("?" * len(reply.order_ids))
-            rows = conn.execute(f"SELECT id, customer_id FROM orders WHERE id IN ({marks})", reply.order_ids)
-            owners = {r["id"]: r["customer_id"] for r in rows}
-        problems = []
-        for order_id in reply.order_ids:
-            if order_id not in owners:
-                problems.append(f"order {order_id} does not exist; list only ids from list_orders")
-            elif owners[order_id] != ctx.input.customer_id:
-                problems.append(f"order {order_id} belongs to another customer; never mention it")
-        return problems
-
-    def derive(answer: dict[str, Any], ctx: CheckContext[SupportRequest]) -> dict[str, Any]:
-        # What was done is a fact of the system, not a claim of the model.
-        given = answer.get("order_ids")
-        ids: list[Any] = list(given) if isinstance(given, list) else []
-        reply = str(answer.get("reply", "")).lower()
-        for result in ctx.tool_results:
-            for order in result["output"].get("orders", []) if result["name"] == "list_orders" else []:
-                named = str(order["order_id"]) in reply or order["items"].lower() in reply
-                if named and order["order_id"] not in ids:
-                    ids = [*ids, order["order_id"]]
-        answer["order_ids"] = ids
-        tickets = [r["output"] for r in ctx.tool_results if r["name"] == "open_ticket"]
-        if tickets:
-            answer["action"], answer["ticket_id"] = "ticket_opened", tickets[-1]["ticket_id"]
-            if tickets[-1]["order_id"] not in ids:
-                answer["order_ids"] = [*ids, tickets[-1]["order_id"]]
-        else:
-            answer["action"], answer["ticket_id"] = "none", None
-        return answer
-
-    def action_happened(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
-        tickets = [r["output"]["ticket_id"] for r in ctx.tool_results if r["name"] == "open_ticket"]
-        if reply.action == "ticket_opened" and reply.ticket_id not in tickets:
-            return [
-                "action is ticket_opened but no such ticket was opened in this turn; call open_ticket "
-                "first, or set action to none and ticket_id to null"
-            ]
-        if reply.action == "none" and tickets:
-            return [
-                f"open_ticket created ticket {tickets[-1]}: set action to ticket_opened and ticket_id to {tickets[-1]}"
-            ]
-        if reply.action == "none" and reply.ticket_id is not None:
-            return ["ticket_id must be null when action is none"]
-        return []
-
-    def claims_are_true(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
-        problems = []
-        text = reply.reply.lower()
-        if reply.action == "none" and _TICKET_CLAIM.search(text):
-            problems.append(
-                "the reply says a ticket was opened, but none was: call open_ticket, or do not claim it"
-            )
-        known = {o["order_id"]: o for r in ctx.tool_results for o in r["output"].get("orders", [])}
-        for sentence in re.split(r"(?<=[.!?;])\s+|\n", text):
-            named = [known[int(i)] for i in re.findall(r"\b(\d{4,})\b", sentence) if int(i) in known]
-            if len(named) != 1:
-                continue  # facts are attributed only where one order is named
-            order = named[0]
-            for word in _STATUSES:
-                if word != order["status"] and _asserts(word, sentence):
-                    problems.append(f"order {order['order_id']} is {order['status']}, not {word}")
-            total = order["total"].split()[0]
-            for amount in re.findall(r"\b\d+\.\d{2}\b", sentence):
-                if amount != total:
-                    problems.append(f"order {order['order_id']} costs {total} EUR, not {amount}")
-        return problems
-
     return Contract(
         input=SupportRequest,
         output=SupportReply,
         instructions=INSTRUCTIONS,
-        checks=(orders_exist, action_happened, claims_are_true),
+        checks=(partial(orders_exist, db_path), action_happened, claims_are_true, only_what_was_asked),
         derive=derive,
         repair_budget=3,
         name="support",
@@ -484,7 +584,6 @@ def make_graph(
     from keelgraph.settings import Settings
 
     path = db_path or Settings.from_env().data_dir / "shop.db"
-    seed_database(path)
     contract = make_contract(path)
     if instructions is not None:
         contract = dataclasses.replace(contract, instructions=instructions)
@@ -509,41 +608,3 @@ def make_graph(
         store=graph_store,
         name="support",
     )
-
-
-def _desk_step(messages: list[BaseMessage]) -> dict[str, Any]:
-    last = str(messages[-1].content)
-    if "open_ticket" in last:  # its result, or the reason it did not run
-        found = re.search(r'"order_id":\s*(\d+)', last)
-        order = found.group(1) if found else "your order"
-        return {"action": "final_answer", "answer": {"reply": f"I have passed order {order} to our team."}}
-    requests = [
-        str(m.content) for m in messages if isinstance(m, HumanMessage) and '"customer_id"' in str(m.content)
-    ]
-    try:
-        request = json.loads(requests[-1][requests[-1].index("{") :]) if requests else {}
-    except ValueError:
-        request = {}
-    order = re.search(r"\b(\d{4,})\b", str(request.get("message", "")))
-    if order and reports_problem(request):
-        args = {
-            "customer_id": request["customer_id"],
-            "order_id": int(order.group(1)),
-            "kind": "damaged",
-            "note": str(request["message"])[:500],
-        }
-        return {"action": "open_ticket", "args": args}
-    return {
-        "action": "final_answer",
-        "answer": {"reply": "Thank you for your message. Your orders are listed in your account."},
-    }
-
-
-def scripted_desk() -> ScriptedChatModel:
-    """A scripted stand-in for the desk's model: deterministic, instant, and valid for its contract.
-
-    A message that reports a problem with a named order gets `open_ticket` (which waits for
-    approval), then a reply; any other message gets a plain reply. For load tests and served tests
-    of the main graph that must not depend on a real model's speed or whims.
-    """
-    return ScriptedChatModel([_desk_step], repeat_last=True)

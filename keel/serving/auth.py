@@ -1,6 +1,6 @@
 """Who may use a served graph, and which threads are theirs (LangGraph server's custom auth).
 
-`langgraph.json` points at `keelgraph.auth:auth` (as `./keel/auth.py:auth`). Every request must carry
+`langgraph.json` points at `keelgraph.serving.auth:auth` (as `./keel/auth.py:auth`). Every request must carry
 `Authorization: Bearer <token>`; the token is checked against one of two sources, configured by
 environment variables on the server:
 

@@ -1,6 +1,6 @@
 """Run a Python module as a helper server that exits when the process that started it is gone.
 
-`python -m keelgraph._orphan_guard PARENT_PID MODULE [ARGS...]` runs `python -m MODULE ARGS...` in
+`python -m keelgraph.local.orphan_guard PARENT_PID MODULE [ARGS...]` runs `python -m MODULE ARGS...` in
 this process, with a thread that ends it once PARENT_PID is no longer its parent. A parent that
 exits normally stops its helpers itself (atexit); one killed by SIGKILL, an OOM kill or a lost
 terminal runs no cleanup, and a 2-core machine then had an orphaned model server burning both cores

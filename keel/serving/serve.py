@@ -17,8 +17,8 @@ from types import FrameType
 
 import httpx
 
-from keelgraph._process import free_port, port_free, stop_group
 from keelgraph.contracts.errors import UserError
+from keelgraph.local.processes import free_port, log_tail, port_free, start_helper, stop_group
 
 __all__ = ["DevServer", "free_port", "run", "serve_env", "write_config"]
 
@@ -30,7 +30,6 @@ _QUIET = {
 }
 _KEYS = ("LANGSMITH_API_KEY", "LANGCHAIN_API_KEY")
 _NEEDS = ("langgraph_cli", "langgraph_api", "langgraph_runtime_inmem")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MOVED = re.compile(r"Port \d+ is already in use, using port (\d+) instead")
 
 
@@ -92,7 +91,7 @@ def _command() -> list[str]:
             f"serving needs {', '.join(missing)}: run `pip install 'keelgraph[serve]'` (or `bash .ci/setup`)"
         )
     # Under the orphan guard: a parent killed without cleanup does not leave the server running.
-    return [sys.executable, "-m", "keelgraph._orphan_guard", str(os.getpid()), "langgraph_cli"]
+    return [sys.executable, "-m", "keelgraph.local.orphan_guard", str(os.getpid()), "langgraph_cli"]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -165,45 +164,24 @@ class DevServer:
         ]  # fmt: skip
         if self.jobs is not None:
             cmd += ["--n-jobs-per-worker", str(self.jobs)]
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                cmd,
-                cwd=self.config.parent,
-                env=self.env,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        try:
-            return self._wait(self.process, timeout_s)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait(self, process: subprocess.Popen[bytes], timeout_s: float) -> str:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout_s:
-            code = process.poll()
-            if code is not None:
-                raise UserError(f"langgraph dev exited with {code} (log: {self.log}):\n{self._tail()}")
-            # langgraph dev moves to a random port, with only a warning, when the given one is taken
-            # (another process may have bound it since the check above): follow it.
-            moved = _MOVED.search(self._tail(20_000))
-            if moved:
-                self.port = int(moved.group(1))
-            if _answers(self.url):
-                return self.url
-            time.sleep(0.2)
-        raise UserError(
-            f"langgraph dev did not answer on {self.url} within {timeout_s:.0f} s (log: {self.log}):\n"
-            f"{self._tail()}"
+        self.process = start_helper(
+            cmd,
+            name="langgraph dev",
+            log_path=self.log,
+            ready=self._answers,
+            timeout_s=timeout_s,
+            cwd=self.config.parent,
+            env=self.env,
         )
+        return self.url
 
-    def _tail(self, chars: int = 2000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return _ANSI.sub("", text)[-chars:]
+    def _answers(self) -> bool:
+        # langgraph dev moves to a random port, with only a warning, when the given one is taken
+        # (another process may have bound it since the check in start): follow it.
+        moved = _MOVED.search(log_tail(self.log, 20_000))
+        if moved:
+            self.port = int(moved.group(1))
+        return _answers(self.url)
 
     def stop(self) -> None:
         """Stop the server: SIGTERM to its process group, SIGKILL if it still runs after 10 s."""
@@ -213,7 +191,7 @@ class DevServer:
 
 def _no_users_hint(env: Mapping[str, str]) -> str | None:
     """What to do when the server's auth would refuse everyone (no tokens and no JWT key yet)."""
-    from keelgraph.auth import TokenFile, token_file_path
+    from keelgraph.serving.auth import TokenFile, token_file_path
 
     if any(env.get(f"KEELGRAPH_AUTH_{k}") for k in ("JWT_SECRET", "JWT_PUBLIC_KEY", "JWKS_URL")):
         return None

@@ -36,7 +36,7 @@ def _outcome(result: dict[str, Any], thread: str) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from keelgraph.graphs.support import make_graph
+    from keelgraph.apps.support.desk import make_graph
 
     graph = make_graph()
     config: Any = {"configurable": {"thread_id": args.thread}}
@@ -46,7 +46,7 @@ def _ask(args: argparse.Namespace) -> int:
 def _approve(args: argparse.Namespace) -> int:
     from langgraph.types import Command
 
-    from keelgraph.graphs.support import make_graph
+    from keelgraph.apps.support.desk import make_graph
 
     graph = make_graph()
     config: Any = {"configurable": {"thread_id": args.thread}}
@@ -67,8 +67,8 @@ def _approve(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
+    from keelgraph.apps.support.desk import make_graph
     from keelgraph.graphs.history import transcript
-    from keelgraph.graphs.support import make_graph
 
     graph = make_graph()
     state = graph.get_state({"configurable": {"thread_id": args.thread}})
@@ -106,7 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
     import tempfile
     from datetime import UTC, datetime
 
-    from keelgraph.eval import load_dataset, recorded_cases, run_cli
+    from keelgraph.commands.eval import load_dataset, recorded_cases, run_cli
 
     factory = _load_factory(args.graph)
     accepted = set(inspect.signature(factory).parameters)
@@ -173,10 +173,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def default_eval_dataset() -> Path:
-    """The main job's dataset, shipped with the package (`graphs/evals/support.jsonl`)."""
-    import keelgraph.graphs
+    """The main job's dataset, shipped with the package (`apps/support/evals/support.jsonl`)."""
+    import keelgraph.apps.support
 
-    return Path(keelgraph.graphs.__file__).parent / "evals" / "support.jsonl"
+    return Path(keelgraph.apps.support.__file__).parent / "evals" / "support.jsonl"
 
 
 def _load_factory(spec: str) -> Any:
@@ -194,7 +194,7 @@ def _load_factory(spec: str) -> Any:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from keelgraph.models import EMBEDDED_MODEL, LocalModelServer, ensure_model_file
+    from keelgraph.local.embedded import EMBEDDED_MODEL, LocalModelServer, ensure_model_file
 
     settings = Settings.from_env()
     if args.action == "fetch":
@@ -222,13 +222,13 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from keelgraph.serve import run
+    from keelgraph.serving.serve import run
 
     return run(port=args.port)
 
 
 def _token(args: argparse.Namespace) -> int:
-    from keelgraph.auth import TokenFile, token_file_path
+    from keelgraph.serving.auth import TokenFile, token_file_path
 
     tokens = TokenFile(args.file or token_file_path())
     if args.action == "create":
@@ -255,7 +255,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from keelgraph._demo import run_demo
+    from keelgraph.apps.support.demo import run_demo
 
     return run_demo(args.thread)
 
@@ -309,11 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a dataset through a graph, score it, compare with a baseline (exit 1 on a regression)",
     )
     ev.add_argument(
-        "--dataset", type=Path, help="JSON Lines cases (default: the main job's, graphs/evals/support.jsonl)"
+        "--dataset",
+        type=Path,
+        help="JSON Lines cases (default: the main job's, apps/support/evals/support.jsonl)",
     )
     ev.add_argument(
         "--graph",
-        default="keelgraph.graphs.support:make_graph",
+        default="keelgraph.apps.support.desk:make_graph",
         help="MODULE:FACTORY building the graph (default: the main job)",
     )
     ev.add_argument("--instructions", help="replace the graph's instructions: TEXT or @FILE")
@@ -367,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve langgraph.json's graphs with `langgraph dev`, offline")
     serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     serve.set_defaults(func=_serve)
-    token = sub.add_parser("token", help="bearer tokens of the served graphs' users (see keelgraph.auth)")
+    token = sub.add_parser(
+        "token", help="bearer tokens of the served graphs' users (see keelgraph.serving.auth)"
+    )
     token.add_argument("action", choices=["create", "list", "revoke"])
     token.add_argument("user", nargs="?", help="create: the user; revoke: the user or a token id")
     token.add_argument("--permission", action="append", help="a permission to grant (repeatable)")

@@ -1,0 +1,197 @@
+"""The `act` node: run the tool calls of the model's step through the tool gate, in parallel."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
+from langchain_core.tools import BaseTool
+
+from keelgraph.contracts.decision import ANSWER
+from keelgraph.contracts.errors import Problem
+from keelgraph.graphs.model_call import allowed_tools, without_reply
+from keelgraph.graphs.prompt import kind_of
+from keelgraph.graphs.spec import AgentSpec
+from keelgraph.graphs.state import State, Stats
+from keelgraph.graphs.turn import exhausted, failed, new_attempt, turn_facts, with_history, zero_stats
+from keelgraph.tools import gate
+from keelgraph.tools.effects import done_before, run_once
+from keelgraph.tools.execution import CallOutcome, run_tool_call
+
+__all__ = ["act", "route_after_act"]
+
+UNKNOWN_TOOL_REPLY = "ERROR: {reason}; {fix}."
+NOT_OFFERED_REPLY = "NOT RUN: {reason}. Now reply with {answer}."
+REJECTED_REPLY = "REJECTED by a person: {reason}. Do not ask for it again; answer the user."
+REFUSED_REPLY = "NOT RUN: {reason}"
+STOPPED_REPLY = "NOT RUN: {reason}; answer with what you have."
+
+
+@dataclass
+class _Round:
+    """What one `act` pass accumulates while it goes through the step's calls."""
+
+    state: State
+    facts: gate.TurnFacts
+    stats: Stats
+    attempts: list[dict[str, Any]]
+    tool_log: list[dict[str, Any]]
+    answer_only: bool
+    replies: list[AnyMessage] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    ready: list[tuple[BaseTool, str, dict[str, Any], str]] = field(default_factory=list)
+    """Calls that passed every check, to run together: (tool, call id, args, raw)."""
+    planned: int = 0
+
+    def refuse(self, call_id: str, name: str, content: str, attempt: dict[str, Any] | None = None) -> None:
+        if attempt is not None:
+            self.attempts.append(attempt)
+        self.replies.append(ToolMessage(content, tool_call_id=call_id, name=name, status="error"))
+
+    def now(self) -> gate.TurnFacts:
+        """The facts with the calls run so far in this turn."""
+        return self.facts.with_log(self.tool_log)
+
+
+def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: set[str]) -> None:
+    """Put one tool call through the gate: refused with a reply (and an attempt where it is the
+    model's mistake), or queued in `rnd.ready` to run."""
+    attempts = rnd.attempts
+    name, args, call_id = call["name"], dict(call["args"]), call["id"] or uuid.uuid4().hex
+    raw = json.dumps({"action": name, "args": args}, default=str)
+    if name not in spec.tools:
+        problem = gate.unknown_tool(name, list(spec.tools))
+        content = UNKNOWN_TOOL_REPLY.format(reason=problem.reason, fix=problem.fix)
+        rnd.refuse(call_id, name, content, new_attempt(attempts, "unknown_tool", raw, [problem]))
+        return
+    if name not in allowed:
+        ran = {gate.call_key(e["name"], e["args"]) for e in rnd.tool_log}
+        problem = gate.not_offered(name, gate.call_key(name, args) in ran)
+        content = NOT_OFFERED_REPLY.format(reason=problem.reason, answer=ANSWER)
+        rnd.refuse(call_id, name, content, new_attempt(attempts, "repeated_call", raw, [problem]))
+        rnd.answer_only = True
+        return
+    tool = spec.tools[name]
+    args = gate.final_args(tool, args, rnd.facts.request)
+    decision = rnd.facts.decisions.get(call_id)
+    if decision is not None and decision["action"] == "reject":
+        rejection, again = str(decision["reason"]), bool(decision.get("again"))
+        rnd.rejected.append({"name": name, "args": args, "reason": rejection})
+        problem = Problem(
+            field="action", reason=f"a person rejected this call: {rejection}", fix="answer without it"
+        )
+        # Asking again for what a person refused is the model's mistake, and counts as one.
+        attempt = new_attempt(attempts, "rejected_call", raw, [problem]) if again else None
+        rnd.refuse(call_id, name, REJECTED_REPLY.format(reason=rejection), attempt)
+        rnd.answer_only = True
+        return
+    refusal = gate.refusal(tool, args, rnd.now())
+    if refusal is None and spec.refuse_tainted_writes:
+        refusal = gate.tainted(tool, call_id, args, rnd.facts)
+    if refusal:
+        problem = Problem(field=f"args of {name}", reason=refusal, fix="correct the arguments")
+        content = REFUSED_REPLY.format(reason=refusal)
+        rnd.refuse(call_id, name, content, new_attempt(attempts, "tool_args", raw, [problem]))
+        return
+    done = done_before(tool, args, rnd.facts, spec.ledger_for(tool))
+    why = gate.unapproved(tool, call_id, args, rnd.facts, done_before=done) or gate.over_limit(
+        rnd.stats["tool_calls"] + rnd.planned,
+        rnd.state.get("thread_tool_calls", 0) + rnd.planned,
+        max_turn=spec.max_tool_calls,
+        max_thread=spec.max_thread_tool_calls,
+    )
+    if why is not None:
+        rnd.refuse(call_id, name, STOPPED_REPLY.format(reason=why))
+        rnd.answer_only = True
+        return
+    rnd.planned += 1
+    rnd.ready.append((tool, call_id, args, raw))
+
+
+def _run_ready(rnd: _Round, spec: AgentSpec) -> None:
+    """Run the calls that passed every check, in parallel (they are independent by construction:
+    the model asked for them together), and record their outcomes in call order."""
+    facts = rnd.now()
+
+    def run(item: tuple[BaseTool, str, dict[str, Any], str]) -> CallOutcome:
+        tool, call_id, args, _ = item
+        ledger = spec.ledger_for(tool)
+        if ledger is None:
+            return run_tool_call(tool, call_id, args)
+        return run_once(tool, call_id, args, facts, ledger)
+
+    if len(rnd.ready) <= 1:
+        outcomes = [run(item) for item in rnd.ready]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(8, len(rnd.ready))) as pool:
+            outcomes = list(pool.map(run, rnd.ready))
+    for (_, call_id, args, raw), outcome in zip(rnd.ready, outcomes, strict=True):
+        status: Literal["success", "error"] = "success" if outcome.ok else "error"
+        rnd.replies.append(
+            ToolMessage(outcome.content, tool_call_id=call_id, name=outcome.name, status=status)
+        )
+        if outcome.ok:
+            rnd.stats["tool_calls"] += 1
+            rnd.tool_log.append({"name": outcome.name, "args": args, "output": outcome.output})
+        elif outcome.kind == "tool_args":
+            rnd.attempts.append(new_attempt(rnd.attempts, "tool_args", raw, outcome.problems))
+
+
+def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
+    state = with_history(state, spec)
+    last = state["messages"][-1]
+    assert isinstance(last, AIMessage)
+    rnd = _Round(
+        state=state,
+        facts=turn_facts(state),
+        stats={**zero_stats(), **state.get("stats", {})},
+        attempts=list(state.get("attempts", [])),
+        tool_log=list(state.get("tool_log", [])),
+        answer_only=bool(state.get("answer_only")),
+    )
+    preload = kind_of(last) == "preload"
+    allowed = (
+        {c["name"] for c in last.tool_calls} if preload else {t.name for t in allowed_tools(state, spec)}
+    )
+    before = rnd.stats["tool_calls"]
+    for call in last.tool_calls:
+        _one_call(rnd, call, spec, allowed)
+    _run_ready(rnd, spec)
+    order = {call["id"]: i for i, call in enumerate(last.tool_calls)}
+    rnd.replies.sort(key=lambda m: order.get(getattr(m, "tool_call_id", None), len(order)))
+    rnd.stats["repairs"] = len(rnd.attempts)
+    update: dict[str, Any] = {
+        "messages": rnd.replies,
+        "attempts": rnd.attempts,
+        "tool_log": rnd.tool_log,
+        "tool_rounds": state.get("tool_rounds", 0) + (0 if preload else 1),
+        "answer_only": rnd.answer_only,
+        "stats": rnd.stats,
+        "thread_tool_calls": state.get("thread_tool_calls", 0) + rnd.stats["tool_calls"] - before,
+    }
+    # A step is only worth caching when every call of it ran as the model wrote it.
+    edited = any(
+        state.get("approvals", {}).get(str(c["id"]), {}).get("action") == "edit" for c in last.tool_calls
+    )
+    clean = len(rnd.replies) == len(last.tool_calls) and all(
+        isinstance(m, ToolMessage) and m.status == "success" for m in rnd.replies
+    )
+    if state.get("cache_writes") and (edited or not clean):
+        update["cache_writes"] = without_reply(state.get("cache_writes", []), last.id)
+    if rnd.rejected:
+        known = state.get("rejected_calls", [])
+        update["rejected_calls"] = [*known, *(r for r in rnd.rejected if r not in known)]
+    if why := exhausted(spec, rnd.attempts):
+        return {**update, **failed(state, rnd.attempts, rnd.stats, f"no valid answer: {why}")}
+    return update
+
+
+def route_after_act(state: State) -> Literal["reason", "__end__"]:
+    """A turn that ran out of repairs ends; otherwise the model reads the results."""
+    return "__end__" if state.get("status") == "failed" else "reason"

@@ -1,0 +1,75 @@
+"""The `approve` node: a person's decision on every tool call whose policy asks for one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_core.messages import AIMessage
+from langgraph.types import interrupt
+
+from keelgraph.graphs.spec import AgentSpec
+from keelgraph.graphs.state import State
+from keelgraph.graphs.turn import turn_facts, with_history
+from keelgraph.tools.effects import done_before
+from keelgraph.tools.execution import needs_approval
+from keelgraph.tools.gate import APPROVAL_HOW, call_key, final_args, needs_person, read_decisions
+
+__all__ = ["approve", "awaiting_approval"]
+
+
+def awaiting_approval(state: State, spec: AgentSpec, step: AIMessage) -> list[dict[str, Any]]:
+    """The calls of `step` that a person must approve, with their final arguments (see
+    `keelgraph.tools.gate.needs_person`). `state` is the turn with its history."""
+    facts = turn_facts(state)
+    waiting = []
+    for call in step.tool_calls:
+        tool = spec.tools.get(call["name"])
+        if tool is None:
+            continue
+        args = final_args(tool, call["args"], facts.request)
+        if not needs_approval(tool, args, facts.guard()):
+            continue
+        done = done_before(tool, args, facts, spec.ledger_for(tool))
+        if needs_person(
+            tool, str(call["id"]), args, facts, done_before=done, enforce_from_user=spec.refuse_tainted_writes
+        ):
+            waiting.append({"id": call["id"], "name": call["name"], "args": args})
+    return waiting
+
+
+def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """Pause for a person's decision on every call that needs approval (LangGraph `interrupt`).
+
+    A call identical to one a person rejected earlier in the thread is rejected again without
+    asking. Edited arguments replace the model's in the thread, and `act` checks them again
+    (schema, choices, guard) before anything runs.
+    """
+    state = with_history(state, spec)
+    step = state["messages"][-1]
+    assert isinstance(step, AIMessage)
+    refused = {call_key(r["name"], r["args"]): r for r in state.get("rejected_calls", [])}
+    decisions: dict[str, dict[str, Any]] = {}
+    asked = []
+    for call in awaiting_approval(state, spec, step):
+        earlier = refused.get(call_key(call["name"], call["args"]))
+        if earlier is not None:
+            decisions[call["id"]] = {**earlier, "action": "reject", "again": True}
+        else:
+            asked.append(call)
+    problem = None
+    while asked:  # each pass is one interrupt; a resume value that cannot be read is asked again
+        value = interrupt({"type": "approval", "calls": asked, "problem": problem, "how": APPROVAL_HOW})
+        try:
+            decisions.update(read_decisions(value, asked))
+            break
+        except ValueError as exc:
+            problem = str(exc)
+    edited = {cid: d["args"] for cid, d in decisions.items() if d["action"] == "edit"}
+    update: dict[str, Any] = {
+        "approvals": {**state.get("approvals", {}), **decisions},
+        "awaiting_approval": [],
+    }
+    if edited:
+        calls = [{**c, "args": edited.get(str(c["id"]), c["args"])} for c in step.tool_calls]
+        update["messages"] = [step.model_copy(update={"tool_calls": calls})]
+    return update

@@ -1,0 +1,300 @@
+"""One model call of the `reason` node: what is offered, how it is bound, cached, retried and
+failed over."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import Runnable, RunnableBinding
+from langchain_core.tools import BaseTool
+
+from keelgraph.contracts.decision import ANSWER, Strategy, decision_schema, inline_refs
+from keelgraph.contracts.errors import ModelUnavailable
+from keelgraph.contracts.repair import RepairPlan
+from keelgraph.graphs.prompt import render, system_prompt, tool_args_schema
+from keelgraph.graphs.spec import AgentSpec
+from keelgraph.graphs.state import ModelAttempt, State
+from keelgraph.graphs.turn import guard_context
+from keelgraph.runtime.cache import cache_key, effective_temperature
+from keelgraph.runtime.models import http_status, is_malformed, is_transient, model_label
+from keelgraph.tools.execution import allowed_values, policy_of
+
+__all__ = [
+    "DECISIVE_REPAIR_TEMPERATURE",
+    "REPAIR_TEMPERATURE",
+    "CacheNote",
+    "allowed_tools",
+    "ask",
+    "bind",
+    "cache_write",
+    "first_position",
+    "offered_schemas",
+    "prompt_messages",
+    "repair_temperature",
+    "without_reply",
+]
+
+_log = logging.getLogger("keelgraph")
+
+
+REPAIR_TEMPERATURE = 1.0
+"""Repairs that must get away from a greedy answer resample at this temperature. A small model's
+next-token distribution is so peaked that at 0.5 it wrote its rejected answer again token for token;
+at 1.0 two of six such tasks were repaired. Shown its rejected draft, it copied it even at 1.0, so
+drafts stay out of the prompt."""
+
+DECISIVE_REPAIR_TEMPERATURE = 0.0
+"""A repair whose grammar rules the rejected answer out (`RepairPlan.decisive`) cannot write it again,
+so it takes the model's most likely answer among the rest instead of resampling. So does the first
+repair of an answer that was sampled (model temperature above 0, or unknown): the rejected answer
+was a draw, and the model's most likely answer, told what was wrong, is its best one (on the 0.5B
+model at temperature 0.7 extraction repairs at 1.0 broke quantities that had been right)."""
+
+
+def repair_temperature(model: BaseChatModel, plan: RepairPlan | None, attempts: int) -> float | None:
+    """The temperature of the next model call of a turn with `attempts` failed attempts so far
+    (None: the model's own), by the rule of `DECISIVE_REPAIR_TEMPERATURE` and `REPAIR_TEMPERATURE`."""
+    if not attempts:
+        return None
+    if plan is not None and plan.decisive:
+        return DECISIVE_REPAIR_TEMPERATURE
+    own = getattr(model, "temperature", None)
+    sampled = not isinstance(own, (int, float)) or own > 0
+    return DECISIVE_REPAIR_TEMPERATURE if sampled and attempts == 1 else REPAIR_TEMPERATURE
+
+
+def offered_schemas(state: State, tools: list[BaseTool]) -> dict[str, dict[str, Any]]:
+    """Each offered tool's argument schema, narrowed by its policy's choices for this context."""
+    ctx = guard_context(state)
+    schemas = {}
+    for tool in tools:
+        schema = tool_args_schema(tool)
+        for arg, values in allowed_values(tool, ctx).items():
+            if arg in schema.get("properties", {}):
+                schema["properties"][arg] = {**schema["properties"][arg], "enum": values}
+        schemas[tool.name] = schema
+    return schemas
+
+
+def allowed_tools(state: State, spec: AgentSpec) -> list[BaseTool]:
+    if state.get("answer_only") or state.get("tool_rounds", 0) >= spec.max_tool_rounds:
+        return []
+    used = {entry["name"] for entry in state.get("tool_log", [])}
+    request = state.get("input") or {}
+    allowed = []
+    for name, tool in spec.tools.items():
+        gate = policy_of(tool).offer_when
+        if (spec.allow_repeat_tools or name not in used) and (gate is None or gate(request)):
+            allowed.append(tool)
+    return allowed
+
+
+def bind(
+    model: BaseChatModel,
+    strategy: Strategy,
+    answer: dict[str, Any],
+    allowed: list[BaseTool],
+    schemas: dict[str, dict[str, Any]],
+    *,
+    final: bool = True,
+) -> Runnable[LanguageModelInput, BaseMessage]:
+    if strategy == "tool_calling":
+        answer_tool = {
+            "type": "function",
+            "function": {
+                "name": ANSWER,
+                "description": "Give the final answer. Call this once, when you are done.",
+                "parameters": inline_refs(answer),
+            },
+        }
+        choice = "required" if allowed else ANSWER
+        offered: list[BaseTool | dict[str, Any]] = (
+            [*allowed] if allowed and not final else [*allowed, answer_tool]
+        )
+        return model.bind_tools(offered, tool_choice=choice)
+    schema = decision_schema(answer, schemas, final=final)
+    if strategy == "json_object":
+        # llama.cpp / vLLM style: JSON mode constrained by a schema (a grammar on the server). A
+        # bound extra_body replaces the model's own, so keep what it had (an output cap, say).
+        fmt = {"type": "json_object", "schema": schema}
+        extra = getattr(model, "extra_body", None) or {}
+        return model.bind(extra_body={**extra, "response_format": fmt})
+    if strategy == "json_schema":
+        fmt = {
+            "type": "json_schema",
+            "json_schema": {"name": "step", "schema": schema, "strict": False},
+        }
+        return model.bind(response_format=fmt)
+    return model
+
+
+def first_position(state: State, spec: AgentSpec) -> int:
+    """Where in the model chain this call starts: past the models that handed over after failed
+    repairs, and at the model that answered last in this turn (a model that just failed over is
+    not asked again until the next turn)."""
+    repairs = len(state.get("attempts", []))
+    answered = [
+        a["position"] for a in state.get("stats", {}).get("model_attempts", []) if a["outcome"] == "ok"
+    ]
+    return max(spec.chain.first_position(repairs), answered[-1] if answered else 0)
+
+
+def _record(model: str, position: int, began: float, exc: BaseException | None = None) -> ModelAttempt:
+    return ModelAttempt(
+        model=model,
+        position=position,
+        outcome="ok" if exc is None else type(exc).__name__,
+        status=None if exc is None else http_status(exc),
+        seconds=round(time.monotonic() - began, 3),
+        wait_s=0.0,
+    )
+
+
+def prompt_messages(
+    state: State,
+    spec: AgentSpec,
+    answer: dict[str, Any],
+    allowed: list[BaseTool],
+    schemas: dict[str, dict[str, Any]],
+) -> list[BaseMessage]:
+    """The messages the model is sent now, under the active strategy."""
+    strategy = spec.active_strategy
+    system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas)
+    return render(state.get("messages", []), system, strategy)
+
+
+@dataclass(frozen=True)
+class CacheNote:
+    """How the response cache took part in one model call."""
+
+    key: str | None = None
+    """The call's cache key; None when it is not cacheable (no cache, or sampled)."""
+    hit: bool = False
+
+
+def _cache_lookup(
+    spec: AgentSpec,
+    model: BaseChatModel,
+    bound: Runnable[LanguageModelInput, BaseMessage],
+    prompt: list[BaseMessage],
+) -> tuple[CacheNote, AIMessage | None]:
+    """The call's cache key and the cached reply, if any (a cache that fails is a miss)."""
+    if spec.cache is None:
+        return CacheNote(), None
+    kwargs = dict(bound.kwargs) if isinstance(bound, RunnableBinding) else {}
+    temperature = effective_temperature(model, kwargs)
+    if temperature is not None and temperature > 0 and not spec.cache_sampled:
+        return CacheNote(), None
+    key = cache_key(model, spec.active_strategy, prompt, kwargs)
+    try:
+        found = spec.cache.get(key)
+    except Exception as exc:  # an optimisation must not fail a turn
+        _log.warning("keelgraph: response cache lookup failed (%s); asking the model", exc)
+        found = None
+    if found is None:
+        return CacheNote(key), None
+    calls = [
+        {"name": c["name"], "args": c["args"], "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+        for c in found.get("tool_calls", [])
+    ]
+    reply = AIMessage(
+        found.get("content", ""),
+        tool_calls=calls,
+        usage_metadata={"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        response_metadata={"keelgraph_cache": "hit"},
+    )
+    return CacheNote(key, hit=True), reply
+
+
+def cache_write(spec: AgentSpec, entries: Sequence[Mapping[str, Any]]) -> None:
+    """Store the replies of a turn that ended ok (a cache that fails only logs)."""
+    if spec.cache is None:
+        return
+    for entry in entries:
+        try:
+            spec.cache.put(str(entry["key"]), entry["value"])
+        except Exception as exc:
+            _log.warning("keelgraph: response cache write failed (%s)", exc)
+
+
+def without_reply(entries: Sequence[dict[str, Any]], message_id: str | None) -> list[dict[str, Any]]:
+    """The pending cache writes less the one of a rejected reply."""
+    return [e for e in entries if e.get("id") != message_id]
+
+
+def ask(
+    state: State,
+    spec: AgentSpec,
+    answer: dict[str, Any],
+    allowed: list[BaseTool],
+    plan: RepairPlan | None = None,
+    *,
+    final: bool = True,
+) -> tuple[BaseMessage, list[ModelAttempt], CacheNote]:
+    """One model call, with every request it took, answered from the response cache if it holds
+    the identical call (see `keelgraph.runtime.cache`).
+
+    The models of the chain are asked in turn, each bound with the tools and output format of the
+    active strategy: a transient error is retried on the same model with backoff (see
+    `keelgraph.runtime.models.ModelChain`), then the next model takes over; when none answers,
+    `ModelUnavailable` ends the node. An endpoint that refuses the strategy moves the graph down the
+    strategy chain; any other error is raised as it is. A repair's `plan` (see `_repair_plan`)
+    gives the answer schema the output format is bound with; the prompt describes `answer`. With
+    `final=False` (and tools allowed) the model may only call a tool (`Contract.needs_tool`).
+    """
+    chain = spec.chain
+    schemas = offered_schemas(state, allowed)
+    tried: list[ModelAttempt] = []
+    last: BaseException | None = None
+    for position in range(first_position(state, spec), len(chain.models)):
+        model = chain.model(position)
+        name = model_label(model)
+        failed = malformed = 0
+        while True:
+            strategy = spec.active_strategy
+            prompt = prompt_messages(state, spec, answer, allowed, schemas)
+            began = time.monotonic()
+            try:
+                bound = bind(model, strategy, plan.schema if plan else answer, allowed, schemas, final=final)
+                temperature = repair_temperature(model, plan, len(state.get("attempts") or []))
+                if temperature is not None:
+                    bound = bound.bind(temperature=temperature)
+                note, cached = _cache_lookup(spec, model, bound, prompt)
+                if cached is not None:
+                    hit = _record(name, position, began)
+                    return cached, [{**hit, "outcome": "cached"}], note
+                reply = bound.invoke(prompt)
+            except Exception as exc:
+                # An endpoint that refuses this way of asking (no json_schema, no tools) gets the next
+                # one, once per graph.
+                if spec.fall_back(exc) is not None:
+                    continue
+                tried.append(_record(name, position, began, exc))
+                if not is_transient(exc):
+                    raise
+                last, failed = exc, failed + 1
+                malformed += is_malformed(exc)
+                # A malformed body is a provider fault worth one more try; a second one moves on.
+                wait = None if malformed > 1 else chain.wait(exc, failed)
+                if wait is None:
+                    if position + 1 < len(chain.models):
+                        _log.warning(
+                            "keelgraph: model %s failed (%s, %d request(s)); failing over to %s",
+                            name, type(exc).__name__, failed, model_label(chain.model(position + 1)),
+                        )  # fmt: skip
+                    break
+                tried[-1]["wait_s"] = round(wait, 3)
+                _log.info("keelgraph: model %s: %s; retrying in %.2f s", name, type(exc).__name__, wait)
+                time.sleep(wait)
+                continue
+            tried.append(_record(name, position, began))
+            return reply, tried, note
+    assert last is not None  # every position made at least one request
+    raise ModelUnavailable([dict(a) for a in tried], last) from last

@@ -1,0 +1,182 @@
+"""The `reason` node: ask the model for its next step and read it as a tool call or an answer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage
+from langgraph.runtime import Runtime
+
+from keelgraph.contracts.decision import ANSWER, AnswerChoice, DecisionError, inline_refs, read_decision
+from keelgraph.contracts.errors import Problem
+from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
+from keelgraph.contracts.repair import RepairPlan, repair_plan
+from keelgraph.graphs.approve import awaiting_approval
+from keelgraph.graphs.budgets import account, over_budget
+from keelgraph.graphs.check import check_context
+from keelgraph.graphs.history import dangling_calls
+from keelgraph.graphs.model_call import allowed_tools, ask
+from keelgraph.graphs.prompt import current_turn, kind_of, tagged
+from keelgraph.graphs.spec import AgentSpec
+from keelgraph.graphs.state import Context, State, Stats
+from keelgraph.graphs.turn import failed, with_history, zero_stats
+
+__all__ = ["reason", "route_after_reason"]
+
+_log = logging.getLogger("keelgraph")
+
+
+def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec) -> dict[str, Any]:
+    """Ask the model for its next step and read it as a tool call or a candidate answer.
+
+    A step with tool calls records which of them wait for a person (`awaiting_approval`), so the
+    router after this node reads state only.
+    """
+    state = with_history(state, spec)
+    # The thread must be valid before a provider sees it: a call without a result (a crash, an
+    # edit of the state) gets one that says so, kept in the thread.
+    repairs = dangling_calls(current_turn(state.get("messages", [])))
+    if repairs:
+        out = _reason({**state, "messages": [*state.get("messages", []), *repairs]}, runtime, spec)
+        out = {**out, "messages": [*repairs, *out.get("messages", [])]}
+    else:
+        out = _reason(state, runtime, spec)
+    step = (out.get("messages") or [None])[-1]
+    waiting: list[str] = []
+    if out.get("status") != "failed" and isinstance(step, AIMessage) and step.tool_calls:
+        waiting = [str(c["id"]) for c in awaiting_approval(state, spec, step)]
+    return {**out, "awaiting_approval": waiting}
+
+
+def _repair_plan(state: State, spec: AgentSpec, answer: dict[str, Any]) -> RepairPlan | None:
+    """How this call repairs a rejected answer, or None when it does not (see
+    `keelgraph.contracts.repair.repair_plan`): right after an answer was rejected, the fields the
+    problems name lose their rejected values and, when every problem names its field, the others
+    are pinned to what the model wrote. The prompt still describes the plain schema."""
+    messages = state.get("messages", [])
+    attempts = state.get("attempts", [])
+    if not messages or kind_of(messages[-1]) != "repair" or not attempts:
+        return None
+    previous = _rejected_answer(attempts[-1], spec)
+    if previous is None:
+        return None
+    earlier = [
+        (found, _problems(a)) for a in attempts[:-1] if (found := _rejected_answer(a, spec)) is not None
+    ]
+    return repair_plan(inline_refs(answer), previous, _problems(attempts[-1]), earlier=earlier)
+
+
+def _problems(attempt: Mapping[str, Any]) -> list[Problem]:
+    return [Problem.model_validate(p) for p in attempt["problems"]]
+
+
+def _rejected_answer(attempt: Mapping[str, Any], spec: AgentSpec) -> dict[str, Any] | None:
+    """The answer a failed attempt wrote, read back from its raw output (None if it wrote none)."""
+    if attempt["kind"] not in {"output", "check"}:
+        return None
+    try:
+        decision = read_decision(parse_json(attempt["raw"]).value, frozenset(spec.tools))
+    except (ParseError, DecisionError):
+        return None
+    if not isinstance(decision, AnswerChoice) or not isinstance(decision.answer, dict):
+        return None
+    return decision.answer
+
+
+def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
+    stats: Stats = {**zero_stats(), **state.get("stats", {})}
+    if stats["model_calls"] + stats["cache_hits"] >= spec.max_model_calls:
+        return failed(
+            state,
+            state.get("attempts", []),
+            stats,
+            f"stopped after {stats['model_calls']} model calls in one turn (the limit)",
+        )
+    allowed = allowed_tools(state, spec)
+    answer = spec.contract.output_schema_for(check_context(state, runtime, spec.contract))
+    if (over := over_budget(state, spec, stats, answer, allowed)) is not None:
+        # Checked before the call, not after: the budget is never overspent by a whole reply.
+        stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
+        _log.warning("keelgraph: %s", over)
+        return {"status": "failed", "error": over.to_failure().model_dump(), "stats": stats, "pending": None}
+    # A contract whose answer rests on a tool result gets no answer option until a tool has returned.
+    tool_first = spec.contract.needs_tool and bool(allowed) and not state.get("tool_log")
+    plan = _repair_plan(state, spec, answer)
+    reply, tried, note = ask(state, spec, answer, allowed, plan, final=not tool_first)
+    ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
+    update: dict[str, Any] = {"stats": stats, "usage": account(stats, spec, ai, tried, note)}
+    raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)
+    msg_id = ai.id or f"kg-{uuid.uuid4().hex}"
+    if note.key is not None and not note.hit:
+        # Kept until the turn ends ok (`check_output`); a rejected reply is dropped (`_without`).
+        value = {
+            "content": ai.content,
+            "tool_calls": [{"name": c["name"], "args": c["args"]} for c in ai.tool_calls],
+        }
+        entry = {"key": note.key, "id": msg_id, "value": value}
+        update["cache_writes"] = [*state.get("cache_writes", []), entry]
+    if ai.tool_calls and (too_big := oversized_ints([c["args"] for c in ai.tool_calls])):
+        # Native calls arrive parsed: numbers the checkpoint cannot store become a repair turn.
+        problem = Problem(
+            field=f"args {too_big[0]}",
+            reason="an integer is beyond the 64-bit range",
+            fix="use a number between -9223372036854775808 and 9223372036854775807",
+        )
+        raw = json.dumps([{"name": c["name"], "args": storable(c["args"])} for c in ai.tool_calls])
+        update.pop("cache_writes", None)  # the checkpoint could not store it, and it is rejected
+        step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        return {
+            **update,
+            "messages": [step],
+            "pending": {"problems": [problem.model_dump()], "kind": "parse", "raw": raw},
+        }
+    if ai.tool_calls:
+        answers = [c for c in ai.tool_calls if c["name"] == ANSWER]
+        if answers:
+            raw = json.dumps(answers[0]["args"])
+            step = tagged(AIMessage(raw, id=msg_id), "candidate")
+            return {
+                **update,
+                "messages": [step],
+                "pending": {"answer": answers[0]["args"], "raw": raw},
+            }
+        step = tagged(AIMessage(raw, tool_calls=ai.tool_calls, id=msg_id), "step")
+        return {**update, "messages": [step], "pending": None}
+    try:
+        parsed = parse_json(raw)
+        decision = read_decision(parsed.value, frozenset(spec.tools))
+    except (ParseError, DecisionError) as exc:
+        kind = exc.kind if isinstance(exc, DecisionError) else "parse"
+        step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        pending = {"problems": [exc.problem.model_dump()], "kind": kind, "raw": raw}
+        return {**update, "messages": [step], "pending": pending}
+    recoveries = len(parsed.recoveries) + len(decision.recoveries)
+    stats["recoveries"] += recoveries
+    if isinstance(decision, AnswerChoice):
+        step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        return {**update, "messages": [step], "pending": {"answer": decision.answer, "raw": raw}}
+    call = {
+        "name": decision.name,
+        "args": decision.args,
+        "id": f"call_{uuid.uuid4().hex[:12]}",
+        "type": "tool_call",
+    }
+    step = tagged(AIMessage("", tool_calls=[call], id=msg_id), "step")
+    return {**update, "messages": [step], "pending": None}
+
+
+def route_after_reason(state: State) -> Literal["approve", "act", "check_output", "__end__"]:
+    """A failed turn ends; tool calls run (after a person's decision where one is awaited); an
+    answer is checked."""
+    if state.get("status") == "failed":
+        return "__end__"
+    messages = state.get("messages", [])
+    last = messages[-1] if messages else None
+    if isinstance(last, AIMessage) and last.tool_calls:
+        return "approve" if state.get("awaiting_approval") else "act"
+    return "check_output"

@@ -1,0 +1,1 @@
+"""Commands: the `keelgraph` CLI and `keelgraph eval`."""

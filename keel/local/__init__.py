@@ -1,0 +1,1 @@
+"""Local processes: the embedded model server, verified downloads, helper servers started and stopped."""

@@ -1,0 +1,1 @@
+"""The model runtime: chat model factory, failover chain, response cache and observability."""

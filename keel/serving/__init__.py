@@ -1,0 +1,1 @@
+"""Serving: authentication for LangGraph server, `keelgraph serve`, persistence factories for `langgraph.json`."""
