@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -13,10 +15,14 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "LIMITS",
+    "REFUSED_REQUEST",
+    "REQUEST_KEEP_CHARS",
     "Limits",
     "check_text",
     "check_value",
+    "refused_record",
     "safe_value",
+    "stored_request",
 ]
 
 INT64_MIN: Final = -(2**63)
@@ -573,3 +579,69 @@ def _float_text(number: float) -> str:
     if math.isinf(number):
         return "Infinity" if number > 0 else "-Infinity"
     return repr(float.__float__(number))
+
+
+REFUSED_REQUEST = "keelgraph_refused_request"
+"""The key of the bounded record a thread keeps instead of a request it cannot or should not keep."""
+REQUEST_KEEP_CHARS = 65_536
+"""A request is kept whole in a thread's checkpoints up to this many characters (of its text, or
+of its JSON); a longer one, or one that is not JSON data, is kept as a bounded record."""
+_RECORD_PREFIX = 2_000
+NOT_KEPT = "the request is {size:,} characters; only requests up to {limit:,} are kept"
+NOT_KEPT_FIX = "send a shorter request (the thread keeps its first characters, size and SHA-256)"
+
+
+def refused_record(value: Any, problems: list[Problem]) -> dict[str, Any]:
+    """A bounded, storable record of a request: its size and SHA-256 (for text), its first
+    characters (made safe) and the problems found, under `REFUSED_REQUEST`."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    size: int | None = None
+    digest: str | None = None
+    if isinstance(value, str):
+        size = len(value)
+        digest = hashlib.sha256(value.encode("utf-8", errors="surrogatepass")).hexdigest()
+        preview: Any = value[:_RECORD_PREFIX]
+    else:
+        preview = safe_value(value, Limits(max_depth=8, max_chars=_RECORD_PREFIX, max_items=20))[0]
+    shown, _ = safe_value(preview, Limits(max_string_chars=_RECORD_PREFIX))
+    record = {
+        "chars": size,
+        "sha256": digest,
+        "type": type(value).__name__,
+        "prefix": shown,
+        "problems": [p.model_dump() for p in problems[: LIMITS.max_problems]],
+    }
+    return {REFUSED_REQUEST: record}
+
+
+def stored_request(value: Any, limits: Limits = LIMITS) -> Any:
+    """What a thread keeps of a request: the request as sent when it is JSON data (or text) of at
+    most `REQUEST_KEEP_CHARS` characters, otherwise `refused_record` (a 50 MB body is kept as a few
+    KB; a value a checkpoint cannot store, such as a lone surrogate or a Python object, never
+    reaches the serializer)."""
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) > REQUEST_KEEP_CHARS:
+            return refused_record(value, [_not_kept(len(value))])
+        return value
+    if isinstance(value, str):
+        if len(value) > REQUEST_KEEP_CHARS:
+            return refused_record(value, [_not_kept(len(value))])
+        if _SURROGATE.search(value):
+            return refused_record(value, check_text(value, limits))
+        return value
+    problems = check_value(value, limits)
+    if problems:
+        return refused_record(value, problems)
+    size = len(json.dumps(value, ensure_ascii=False))
+    if size > REQUEST_KEEP_CHARS:
+        return refused_record(value, [_not_kept(size)])
+    return value
+
+
+def _not_kept(size: int) -> Problem:
+    return Problem(
+        field="request",
+        reason=NOT_KEPT.format(size=size, limit=REQUEST_KEEP_CHARS),
+        fix=NOT_KEPT_FIX,
+    )

@@ -14,9 +14,10 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from keelgraph.contracts.boundary import LIMITS, REFUSED_REQUEST, ROOT, Limits, check_value
 from keelgraph.contracts.decision import inline_refs
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
-from keelgraph.contracts.parsing import oversized_ints
+from keelgraph.contracts.parsing import ParseError, loads_strict, oversized_ints
 from keelgraph.contracts.repair import field_paths, named_field
 
 __all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
@@ -219,13 +220,17 @@ class Contract(Generic[InT, OutT]):
             raise InputRejected(
                 [Problem(field="request", reason="no request was sent", fix=f"send {example}")]
             )
+        if isinstance(raw, Mapping) and set(raw) == {REFUSED_REQUEST}:
+            raise InputRejected(_record_problems(raw[REFUSED_REQUEST], example))
         if isinstance(raw, (bytes, bytearray)):
-            raw = raw.decode("utf-8", errors="replace")
+            raw = bytes(raw).decode("utf-8", errors="replace")
         if isinstance(raw, str):
             if len(raw) > self.max_request_chars:
                 raise InputRejected([self._oversize(len(raw))])
             try:
-                raw = json.loads(raw)
+                raw = loads_strict(raw, limits=self.limits)
+            except ParseError as exc:
+                raise InputRejected(_at_request(exc.problems)) from None
             except json.JSONDecodeError as exc:
                 raise InputRejected(
                     [
@@ -236,6 +241,8 @@ class Contract(Generic[InT, OutT]):
                         )
                     ]
                 ) from None
+        elif isinstance(raw, Mapping) and (problems := check_value(raw, self.limits)):
+            raise InputRejected(_at_request(problems))
         if not isinstance(raw, Mapping):
             raise InputRejected(
                 [
@@ -257,10 +264,15 @@ class Contract(Generic[InT, OutT]):
             raise InputRejected(too_big)
         return value
 
+    @property
+    def limits(self) -> Limits:
+        """The boundary limits of this contract's requests and answers (depth, sizes, numbers)."""
+        return LIMITS
+
     def _oversize(self, size: int) -> Problem:
         return Problem(
             field="request",
-            reason=f"the request is {size} characters, over the limit of {self.max_request_chars}",
+            reason=f"the request is {size:,} characters, over the limit of {self.max_request_chars:,}",
             fix="shorten the message or split it into several requests",
         )
 
@@ -361,3 +373,17 @@ class Contract(Generic[InT, OutT]):
         named = named_field(str(item), self._field_paths)
         where = f"answer.{'.'.join(named)}" if named else "answer"
         return Problem(field=f"{where} ({check})", reason=str(item), fix="correct the answer")
+
+
+def _at_request(problems: list[Problem]) -> list[Problem]:
+    """Boundary problems of a request: paths as the fields are named, the whole value as `request`."""
+    return [p.model_copy(update={"field": "request"}) if p.field in {ROOT, ""} else p for p in problems]
+
+
+def _record_problems(record: Any, example: str) -> list[Problem]:
+    """The problems a thread's bounded record of a request holds (see `stored_request`)."""
+    found = record.get("problems") if isinstance(record, Mapping) else None
+    problems = [Problem.model_validate(p) for p in found or []]
+    return problems or [
+        Problem(field="request", reason="the request could not be kept", fix=f"send {example}")
+    ]

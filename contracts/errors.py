@@ -151,15 +151,17 @@ class RepairExhausted(RunError):
 
 
 Budget = Literal["turn", "thread"]
-BudgetUnit = Literal["tokens", "cost"]
+BudgetUnit = Literal["tokens", "cost", "seconds"]
 
 
 class BudgetExceeded(RunError):
-    """The next model call could take a spend budget past its limit, so it was not made.
+    """The next model call could take a spend budget past its limit, so it was not made; or the
+    turn ran out of time, so nothing more was started.
 
     `budget` is "turn" or "thread"; `unit` is "tokens" (`max_turn_tokens` / `max_thread_tokens`:
-    `limit`, `spent` and `estimate` count input + output tokens) or "cost" (`max_turn_cost` /
-    `max_thread_cost`: in the currency of the graph's `prices`). `estimate` is the next call's
+    `limit`, `spent` and `estimate` count input + output tokens), "cost" (`max_turn_cost` /
+    `max_thread_cost`: in the currency of the graph's `prices`) or "seconds" (`turn_timeout_s`,
+    turn only: `spent` is the turn's time so far, `estimate` 0). `estimate` is the next call's
     estimated cost; `usage` is what the turn spent. Raise the budget, or start a new thread for a
     spent thread budget.
 
@@ -167,6 +169,8 @@ class BudgetExceeded(RunError):
     'budget_exceeded'
     >>> BudgetExceeded("thread", limit=0.5, spent=0.49, estimate=0.02, unit="cost").to_failure().problems[0].field
     'max_thread_cost'
+    >>> BudgetExceeded("turn", limit=30, spent=30.2, estimate=0, unit="seconds").to_failure().problems[0].field
+    'turn_timeout_s'
     """
 
     code = "budget_exceeded"
@@ -185,6 +189,12 @@ class BudgetExceeded(RunError):
         self.unit: BudgetUnit = unit
         self.limit, self.spent, self.estimate = limit, spent, estimate
         self.usage = dict(usage or {})
+        if unit == "seconds":
+            super().__init__(
+                f"the turn ran out of time, so nothing more was started: {self._n(spent)} s of "
+                f"{self.setting}={self._n(limit)} spent; " + self.fix
+            )
+            return
         what = "token budget" if unit == "tokens" else "cost budget"
         super().__init__(
             f"the {budget} {what} would be exceeded, so the model was not called: "
@@ -193,26 +203,32 @@ class BudgetExceeded(RunError):
         )
 
     def _n(self, value: float) -> str:
-        return str(int(value)) if self.unit == "tokens" else f"{value:.6f}".rstrip("0").rstrip(".")
+        if self.unit == "tokens":
+            return str(int(value))
+        return f"{value:.{3 if self.unit == 'seconds' else 6}f}".rstrip("0").rstrip(".")
 
     @property
     def setting(self) -> str:
+        if self.unit == "seconds":
+            return "turn_timeout_s"
         return f"max_{self.budget}_{'tokens' if self.unit == 'tokens' else 'cost'}"
 
     @property
     def fix(self) -> str:
+        if self.unit == "seconds":
+            return f"raise {self.setting}, or send a narrower request"
         if self.budget == "turn":
             return f"raise {self.setting}, or send a shorter request"
         return f"raise {self.setting}, or start a new thread"
 
     def to_failure(self) -> Failure:
-        problem = Problem(
-            field=self.setting,
-            reason=f"{self._n(self.spent)} spent + {self._n(self.estimate)} estimated > {self._n(self.limit)}",
-            fix=self.fix,
-        )
-        # Failure.usage holds integers: a cost is kept in millionths of the currency unit.
-        scale = 1 if self.unit == "tokens" else 1_000_000
+        reason = f"{self._n(self.spent)} spent + {self._n(self.estimate)} estimated > {self._n(self.limit)}"
+        if self.unit == "seconds":
+            reason = f"{self._n(self.spent)} s since the turn began >= {self._n(self.limit)} s"
+        problem = Problem(field=self.setting, reason=reason, fix=self.fix)
+        # Failure.usage holds integers: a cost is kept in millionths of the currency unit, a time
+        # in milliseconds.
+        scale = _SCALE[self.unit]
         numbers = {k: round(getattr(self, k) * scale) for k in ("limit", "spent", "estimate")}
         return Failure(
             type="BudgetExceeded",
@@ -226,13 +242,18 @@ class BudgetExceeded(RunError):
     def from_failure(cls, failure: Failure) -> BudgetExceeded:
         usage = dict(failure.usage)
         field = failure.problems[0].field if failure.problems else ""
-        unit: BudgetUnit = "cost" if field.endswith("_cost") else "tokens"
-        scale = 1 if unit == "tokens" else 1_000_000
+        unit: BudgetUnit = (
+            "seconds" if field == "turn_timeout_s" else "cost" if field.endswith("_cost") else "tokens"
+        )
+        scale = _SCALE[unit]
         numbers = {k: usage.pop(k, 0) / scale for k in ("limit", "spent", "estimate")}
         if unit == "tokens":
             numbers = {k: int(v) for k, v in numbers.items()}
         budget: Budget = "thread" if field.startswith("max_thread") else "turn"
         return cls(budget, usage=usage, unit=unit, **numbers)
+
+
+_SCALE: dict[BudgetUnit, int] = {"tokens": 1, "cost": 1_000_000, "seconds": 1_000}
 
 
 def _field(loc: tuple[int | str, ...], prefix: str) -> str:

@@ -28,7 +28,16 @@ from keelgraph.contracts.boundary import (
 )
 from keelgraph.contracts.errors import Problem
 
-__all__ = ["INT64_MAX", "INT64_MIN", "ParseError", "Parsed", "oversized_ints", "parse_json", "storable"]
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "ParseError",
+    "Parsed",
+    "loads_strict",
+    "oversized_ints",
+    "parse_json",
+    "storable",
+]
 
 # What `Parsed.recoveries` says, and every sentence a model is shown when its output is refused.
 FENCE_REMOVED = "removed a code fence"
@@ -147,6 +156,21 @@ def _loads(text: str, limits: Limits) -> Any:
     if problems:
         raise ParseError.from_problems(problems)
     return value
+
+
+def loads_strict(text: str, *, limits: Limits = LIMITS) -> Any:
+    """The JSON value of `text`, exactly as written (no recovery of fences, chatter or trailing
+    commas): for requests, where a caller must send what the contract says. Checked by the same
+    boundary policy as model text, before and after parsing; raises `ParseError` (with every
+    problem) or `json.JSONDecodeError` when `text` is not JSON.
+
+    >>> loads_strict('{"a": [1, 2]}')
+    {'a': [1, 2]}
+    """
+    problems = check_text(text, limits)
+    if problems:
+        raise ParseError.from_problems(problems)
+    return _loads(text, limits)
 
 
 def _too_deep(limit: int) -> ParseError:

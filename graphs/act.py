@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,21 +17,28 @@ from langchain_core.tools import BaseTool
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
 from keelgraph.graphs.model_call import allowed_tools, without_reply
-from keelgraph.graphs.prompt import kind_of
+from keelgraph.graphs.prompt import current_turn, kind_of
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import State, Stats
 from keelgraph.graphs.turn import exhausted, failed, new_attempt, turn_facts, with_history, zero_stats
 from keelgraph.tools import gate
 from keelgraph.tools.effects import done_before, run_once
 from keelgraph.tools.execution import CallOutcome, run_tool_call
+from keelgraph.tools.pool import running_in
 
-__all__ = ["act", "route_after_act"]
+__all__ = ["RAN", "act", "route_after_act"]
+
+_log = logging.getLogger("keelgraph")
 
 UNKNOWN_TOOL_REPLY = "ERROR: {reason}; {fix}."
 NOT_OFFERED_REPLY = "NOT RUN: {reason}. Now reply with {answer}."
 REJECTED_REPLY = "REJECTED by a person: {reason}. Do not ask for it again; answer the user."
 REFUSED_REPLY = "NOT RUN: {reason}"
 STOPPED_REPLY = "NOT RUN: {reason}; answer with what you have."
+OUT_OF_TIME_REPLY = "NOT RUN: the turn ran out of time (turn_timeout_s={limit:g})."
+RAN = "keelgraph_ran"
+"""Marks (in `ToolMessage.artifact`, which no model reads) a call that ran but did not succeed (a
+timeout, an error it raised): it counts against the call limits like a successful one."""
 
 
 @dataclass
@@ -42,6 +51,8 @@ class _Round:
     attempts: list[dict[str, Any]]
     tool_log: list[dict[str, Any]]
     answer_only: bool
+    failed_runs: int = 0
+    """Calls of this turn that ran but did not succeed (successful ones are `stats["tool_calls"]`)."""
     replies: list[AnyMessage] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     ready: list[tuple[BaseTool, str, dict[str, Any], str]] = field(default_factory=list)
@@ -99,8 +110,9 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
         rnd.refuse(call_id, name, content, new_attempt(attempts, "tool_args", raw, [problem]))
         return
     done = done_before(tool, args, rnd.facts, spec.ledger_for(tool))
+    # Every call that ran counts against the limits, timeouts and errors included.
     why = gate.unapproved(tool, call_id, args, rnd.facts, done_before=done) or gate.over_limit(
-        rnd.stats["tool_calls"] + rnd.planned,
+        rnd.stats["tool_calls"] + rnd.failed_runs + rnd.planned,
         rnd.state.get("thread_tool_calls", 0) + rnd.planned,
         max_turn=spec.max_tool_calls,
         max_thread=spec.max_thread_tool_calls,
@@ -113,33 +125,69 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
     rnd.ready.append((tool, call_id, args, raw))
 
 
-def _run_ready(rnd: _Round, spec: AgentSpec) -> None:
-    """Run the calls that passed every check, in parallel (they are independent by construction:
-    the model asked for them together), and record their outcomes in call order."""
+def _run_ready(rnd: _Round, spec: AgentSpec) -> int:
+    """Run the calls that passed every check, all at once (they are independent by construction:
+    the model asked for them together), on the graph's tool pool and within the turn's deadline;
+    record their outcomes in call order. Returns how many ran without succeeding."""
     facts = rnd.now()
+    deadline = spec.turn_deadline(rnd.state.get("started"))
 
     def run(item: tuple[BaseTool, str, dict[str, Any], str]) -> CallOutcome:
         tool, call_id, args, _ = item
         ledger = spec.ledger_for(tool)
-        if ledger is None:
-            return run_tool_call(tool, call_id, args)
-        return run_once(tool, call_id, args, facts, ledger)
+        with running_in(spec.tool_pool, deadline):
+            if ledger is None:
+                return run_tool_call(tool, call_id, args)
+            return run_once(tool, call_id, args, facts, ledger)
 
     if len(rnd.ready) <= 1:
         outcomes = [run(item) for item in rnd.ready]
     else:
-        with concurrent.futures.ThreadPoolExecutor(min(8, len(rnd.ready))) as pool:
-            outcomes = list(pool.map(run, rnd.ready))
+        # One waiting thread per call, so every call starts now: the step takes as long as its
+        # slowest deadline, not one deadline per wave. The tools themselves run on `spec.tool_pool`.
+        with concurrent.futures.ThreadPoolExecutor(len(rnd.ready)) as waiters:
+            outcomes = list(waiters.map(run, rnd.ready))
+    failed_runs = 0
     for (_, call_id, args, raw), outcome in zip(rnd.ready, outcomes, strict=True):
         status: Literal["success", "error"] = "success" if outcome.ok else "error"
+        ran = not outcome.ok and outcome.ran
+        failed_runs += ran
         rnd.replies.append(
-            ToolMessage(outcome.content, tool_call_id=call_id, name=outcome.name, status=status)
+            ToolMessage(
+                outcome.content,
+                tool_call_id=call_id,
+                name=outcome.name,
+                status=status,
+                artifact={RAN: True} if ran else None,
+            )
         )
         if outcome.ok:
             rnd.stats["tool_calls"] += 1
             rnd.tool_log.append({"name": outcome.name, "args": args, "output": outcome.output})
         elif outcome.kind == "tool_args":
             rnd.attempts.append(new_attempt(rnd.attempts, "tool_args", raw, outcome.problems))
+    return failed_runs
+
+
+def _failed_runs(messages: list[AnyMessage]) -> int:
+    """Calls of the turn in progress that ran without succeeding (marked `RAN` by `_run_ready`)."""
+    return sum(
+        1
+        for m in current_turn(messages)
+        if isinstance(m, ToolMessage) and isinstance(m.artifact, dict) and m.artifact.get(RAN)
+    )
+
+
+def _out_of_time(rnd: _Round, spec: AgentSpec) -> dict[str, Any] | None:
+    """The update that ends a turn past `turn_timeout_s` with `BudgetExceeded`, or None."""
+    usage = {k: int(rnd.stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}
+    started = rnd.state.get("started")
+    late = spec.out_of_time(started, usage)
+    if late is None or started is None:
+        return None
+    _log.warning("keelgraph: %s", late)
+    stats = {**rnd.stats, "seconds": round(time.time() - started, 3)}
+    return {"status": "failed", "error": late.to_failure().model_dump(), "stats": stats, "pending": None}
 
 
 def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
@@ -154,6 +202,7 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         attempts=list(state.get("attempts", [])),
         tool_log=list(state.get("tool_log", [])),
         answer_only=bool(state.get("answer_only")),
+        failed_runs=_failed_runs(state.get("messages", [])),
     )
     preload = kind_of(last) == "preload"
     allowed = (
@@ -162,7 +211,12 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     before = rnd.stats["tool_calls"]
     for call in last.tool_calls:
         _one_call(rnd, call, spec, allowed)
-    _run_ready(rnd, spec)
+    if spec.out_of_time(state.get("started")) is not None:  # the turn's time is spent: start nothing
+        for tool, call_id, _, _ in rnd.ready:
+            rnd.refuse(call_id, tool.name, OUT_OF_TIME_REPLY.format(limit=spec.turn_timeout_s))
+        rnd.ready = []
+    failed_runs = _run_ready(rnd, spec)
+    ran = rnd.stats["tool_calls"] - before + failed_runs
     order = {call["id"]: i for i, call in enumerate(last.tool_calls)}
     rnd.replies.sort(key=lambda m: order.get(getattr(m, "tool_call_id", None), len(order)))
     rnd.stats["repairs"] = len(rnd.attempts)
@@ -173,7 +227,8 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         "tool_rounds": state.get("tool_rounds", 0) + (0 if preload else 1),
         "answer_only": rnd.answer_only,
         "stats": rnd.stats,
-        "thread_tool_calls": state.get("thread_tool_calls", 0) + rnd.stats["tool_calls"] - before,
+        # Calls run in the thread, for `max_thread_tool_calls`: timeouts and errors count too.
+        "thread_tool_calls": state.get("thread_tool_calls", 0) + ran,
     }
     # A step is only worth caching when every call of it ran as the model wrote it.
     edited = any(
@@ -187,6 +242,8 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     if rnd.rejected:
         known = state.get("rejected_calls", [])
         update["rejected_calls"] = [*known, *(r for r in rnd.rejected if r not in known)]
+    if (late := _out_of_time(rnd, spec)) is not None:
+        return {**update, **late}
     if why := exhausted(spec, rnd.attempts):
         return {**update, **failed(state, rnd.attempts, rnd.stats, f"no valid answer: {why}")}
     return update

@@ -140,6 +140,17 @@ class GraphOptions(TypedDict, total=False):
     of the models the call may fail over to (default None)."""
     max_thread_cost: float | None
     """The same over the whole thread (default None)."""
+    tool_workers: int
+    """Threads the graph's tool calls run on at most (default 8). A call that runs past its
+    `timeout_s` is reported to the model and abandoned, but its thread cannot be killed: it keeps
+    its worker until it returns. While every worker is busy, a new call waits for one within its
+    own deadline; when every worker is held by a call that did not finish, it is refused at once
+    (the model reads why), so hung tools never grow the process's threads."""
+    turn_timeout_s: float | None
+    """Seconds a turn may run, from its request (default None: no limit). Checked before each model
+    call and each step of tool calls; every tool call's deadline is capped by the time left. Past
+    it nothing more is started and the turn ends "failed" with `BudgetExceeded` (unit "seconds").
+    Time waiting for a person's approval counts."""
 
 
 DEFAULTS: GraphOptions = {
@@ -158,6 +169,8 @@ DEFAULTS: GraphOptions = {
     "prices": None,
     "max_turn_cost": None,
     "max_thread_cost": None,
+    "tool_workers": 8,
+    "turn_timeout_s": None,
 }
 """The default of every `GraphOptions` field."""
 
@@ -191,6 +204,11 @@ def _check_limits(opts: GraphOptions, models: ModelChain) -> None:
         cap = opts[label]
         if cap is not None and cap < 1:
             raise UserError(f"{label} must be None (no limit) or >= 1, got {cap}")
+    if opts["tool_workers"] < 1:
+        raise UserError(f"tool_workers must be >= 1, got {opts['tool_workers']}")
+    turn_timeout = opts["turn_timeout_s"]
+    if turn_timeout is not None and not turn_timeout > 0:
+        raise UserError(f"turn_timeout_s must be None (no limit) or > 0, got {turn_timeout}")
     prices = opts["prices"]
     costs = (("max_turn_cost", opts["max_turn_cost"]), ("max_thread_cost", opts["max_thread_cost"]))
     for label, limit in costs:
@@ -247,6 +265,8 @@ def agent_spec(
         prices=dict(opts["prices"] or {}),
         max_turn_cost=opts["max_turn_cost"],
         max_thread_cost=opts["max_thread_cost"],
+        tool_workers=opts["tool_workers"],
+        turn_timeout_s=opts["turn_timeout_s"],
     )
 
 

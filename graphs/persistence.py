@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -29,8 +31,8 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.store.base import BaseStore, IndexConfig
 
 from keelgraph._sqlite import connect, pragmas
+from keelgraph.contracts.boundary import BIG_INT_MARK, CYCLE_MARK, DEEP_MARK, INT64_MAX, INT64_MIN
 from keelgraph.contracts.errors import UserError
-from keelgraph.contracts.parsing import oversized_ints, storable
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -60,20 +62,89 @@ _POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class StorableSerializer(JsonPlusSerializer):
-    """LangGraph's serializer, except that integers past 64 bits are stored as decimal text.
+    """LangGraph's serializer, except that plain data it cannot store is stored as its safe copy.
 
-    msgpack cannot hold them, and a request holding one is checkpointed (as the run's input)
-    before any node can reject it: with the stock serializer the run dies with a `TypeError`.
-    keelgraph's own nodes refuse such numbers by field; this keeps the input checkpoint writable.
+    A value enters a checkpoint before any node can look at it (a run's input, a resume value):
+    integers past 64 bits, lone surrogates and nesting deeper than msgpack goes would make the
+    stock serializer raise and leave the thread at `running`. Those leaves are written instead as
+    decimal text, U+FFFD and a marker; keelgraph's nodes refuse such values by field, so nothing
+    changed this way is ever accepted as valid data.
     """
 
     def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        obj = _bounded(obj)
         try:
             return super().dumps_typed(obj)
-        except TypeError:
-            if not oversized_ints(obj if isinstance(obj, (dict, list, tuple)) else []):
-                raise
-            return super().dumps_typed(storable(obj))
+        except (TypeError, ValueError, UnicodeError, RecursionError, OverflowError):
+            return super().dumps_typed(self._storable(obj, 0, set()))
+
+    def _storable(self, value: Any, depth: int, path: set[int]) -> Any:
+        """`value` with what a checkpoint cannot store replaced by safe text: lone surrogates by
+        U+FFFD, integers past 64 bits, objects the serializer refuses, cycles and nesting past
+        `_STORE_DEPTH` by markers. What it can store (messages, say) is left as it is."""
+        if depth > _STORE_DEPTH:
+            return DEEP_MARK
+        if isinstance(value, str):
+            return _SURROGATE.sub("\ufffd", value)
+        if isinstance(value, bool) or value is None or isinstance(value, float):
+            return value
+        if isinstance(value, int):
+            return value if INT64_MIN <= value <= INT64_MAX else BIG_INT_MARK.format(digits=_digits(value))
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in path:
+                return CYCLE_MARK
+            inner = path | {id(value)}
+            if isinstance(value, dict):
+                return {
+                    self._storable(k, depth + 1, inner): self._storable(v, depth + 1, inner)
+                    for k, v in value.items()
+                }
+            return [self._storable(v, depth + 1, inner) for v in value]
+        try:
+            super().dumps_typed(value)
+        except Exception:
+            return f"<{type(value).__name__}: not storable>"
+        return value
+
+
+_STORE_DEPTH = 100
+STORE_MAX_CHARS = 1_000_000
+"""No text longer than this is written to a checkpoint. Nothing keelgraph keeps comes near it (tool
+results are cut at `max_stored_chars`, requests over `Contract.max_request_chars` are refused): a
+longer one is a refused request on its way in (the run's input, its first write), stored as its
+size, SHA-256 and first characters."""
+NOT_STORED = "<{size:,} characters not stored (over {limit:,}); sha256 {sha256}; it began: {prefix}>"
+
+
+def _bounded(obj: Any, depth: int = 0) -> Any:
+    """`obj` with text over `STORE_MAX_CHARS` replaced by `NOT_STORED`, looked for where a run's
+    input lands: the value itself (a write), or plain dicts up to four levels down (a checkpoint's
+    `channel_values["__start__"]["request"]`). Copies only what it changes."""
+    if isinstance(obj, str):
+        return _not_stored(obj) if len(obj) > STORE_MAX_CHARS else obj
+    if depth >= _SCAN_DEPTH or type(obj) is not dict:
+        return obj
+    changed = {}
+    for key, value in obj.items():
+        if isinstance(value, (str, dict)) and (new := _bounded(value, depth + 1)) is not value:
+            changed[key] = new
+    return {**obj, **changed} if changed else obj
+
+
+_SCAN_DEPTH = 4
+
+
+def _not_stored(text: str) -> str:
+    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+    prefix = _SURROGATE.sub("\ufffd", text[:200])
+    return NOT_STORED.format(size=len(text), limit=STORE_MAX_CHARS, sha256=digest, prefix=prefix)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _digits(value: int) -> int:
+    return int(abs(value).bit_length() * 0.30103) + 1
 
 
 def sqlite_checkpointer(path: str | Path) -> SqliteSaver:

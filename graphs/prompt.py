@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from langchain_core.messages import (
     AIMessage,
@@ -16,9 +16,9 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import BaseTool
-from pydantic import BaseModel
 
 from keelgraph.contracts.decision import ANSWER, Strategy, inline_refs
+from keelgraph.tools.arguments import args_schema
 
 Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]
 KIND_KEY = "keelgraph"
@@ -37,8 +37,9 @@ def tagged(message: AnyMessage, kind: Kind) -> AnyMessage:
 
 
 def tool_args_schema(tool: BaseTool) -> dict[str, Any]:
-    model = cast(type[BaseModel], tool.get_input_schema())
-    return inline_refs(model.model_json_schema())
+    """The tool's arguments as the model is shown them (see `keelgraph.tools.arguments.args_schema`:
+    the same schema whatever form the tool declares, a JSON-Schema dict included)."""
+    return args_schema(tool)
 
 
 def _type_of(schema: Mapping[str, Any]) -> str:

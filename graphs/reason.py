@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -12,9 +13,10 @@ from typing import Any, Literal
 from langchain_core.messages import AIMessage
 from langgraph.runtime import Runtime
 
+from keelgraph.contracts.boundary import check_value, safe_value
 from keelgraph.contracts.decision import ANSWER, AnswerChoice, DecisionError, inline_refs, read_decision
 from keelgraph.contracts.errors import Problem
-from keelgraph.contracts.parsing import ParseError, oversized_ints, parse_json, storable
+from keelgraph.contracts.parsing import ParseError, parse_json
 from keelgraph.contracts.repair import RepairPlan, repair_plan
 from keelgraph.graphs.approve import awaiting_approval
 from keelgraph.graphs.budgets import account, over_budget
@@ -29,6 +31,7 @@ from keelgraph.graphs.turn import failed, with_history, zero_stats
 __all__ = ["reason", "route_after_reason"]
 
 _log = logging.getLogger("keelgraph")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec) -> dict[str, Any]:
@@ -99,7 +102,9 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         )
     allowed = allowed_tools(state, spec)
     answer = spec.contract.output_schema_for(check_context(state, runtime, spec.contract))
-    if (over := over_budget(state, spec, stats, answer, allowed)) is not None:
+    usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}
+    late = spec.out_of_time(state.get("started"), usage)  # `turn_timeout_s`: no call past it
+    if (over := late or over_budget(state, spec, stats, answer, allowed)) is not None:
         # Checked before the call, not after: the budget is never overspent by a whole reply.
         stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
         _log.warning("keelgraph: %s", over)
@@ -120,20 +125,18 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         }
         entry = {"key": note.key, "id": msg_id, "value": value}
         update["cache_writes"] = [*state.get("cache_writes", []), entry]
-    if ai.tool_calls and (too_big := oversized_ints([c["args"] for c in ai.tool_calls])):
-        # Native calls arrive parsed: numbers the checkpoint cannot store become a repair turn.
-        problem = Problem(
-            field=f"args {too_big[0]}",
-            reason="an integer is beyond the 64-bit range",
-            fix="use a number between -9223372036854775808 and 9223372036854775807",
-        )
-        raw = json.dumps([{"name": c["name"], "args": storable(c["args"])} for c in ai.tool_calls])
+    if ai.tool_calls and (problems := _unsafe_calls(ai.tool_calls)):
+        # Native calls arrive parsed: values that are not JSON data within the boundary limits (NaN,
+        # infinities, 64-bit overflow, lone surrogates, deep nesting) never reach a tool or an
+        # answer, and the checkpoint keeps a safe copy of what was written: a repair turn.
+        safe = [{"name": safe_value(c["name"])[0], "args": safe_value(c["args"])[0]} for c in ai.tool_calls]
+        raw = json.dumps(safe, ensure_ascii=False)
         update.pop("cache_writes", None)  # the checkpoint could not store it, and it is rejected
         step = tagged(AIMessage(raw, id=msg_id), "candidate")
         return {
             **update,
             "messages": [step],
-            "pending": {"problems": [problem.model_dump()], "kind": "parse", "raw": raw},
+            "pending": {"problems": [p.model_dump() for p in problems], "kind": "parse", "raw": raw},
         }
     if ai.tool_calls:
         answers = [c for c in ai.tool_calls if c["name"] == ANSWER]
@@ -152,8 +155,10 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         decision = read_decision(parsed.value, frozenset(spec.tools))
     except (ParseError, DecisionError) as exc:
         kind = exc.kind if isinstance(exc, DecisionError) else "parse"
-        step = tagged(AIMessage(raw, id=msg_id), "candidate")
-        pending = {"problems": [exc.problem.model_dump()], "kind": kind, "raw": raw}
+        kept = kept_text(raw)  # a refused draft is kept as a record, made storable
+        step = tagged(AIMessage(kept, id=msg_id), "candidate")
+        problems = exc.problems if isinstance(exc, ParseError) else [exc.problem]
+        pending = {"problems": [p.model_dump() for p in problems[:5]], "kind": kind, "raw": kept}
         return {**update, "messages": [step], "pending": pending}
     recoveries = len(parsed.recoveries) + len(decision.recoveries)
     stats["recoveries"] += recoveries
@@ -168,6 +173,22 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
     }
     step = tagged(AIMessage("", tool_calls=[call], id=msg_id), "step")
     return {**update, "messages": [step], "pending": None}
+
+
+def _unsafe_calls(calls: list[Any]) -> list[Problem]:
+    """Boundary problems of native tool calls' names and arguments, each naming its call."""
+    problems: list[Problem] = []
+    for call in calls:
+        name = call.get("name")
+        where = f"args of {name}" if isinstance(name, str) and not check_value(name) else "tool name"
+        problems += check_value(name, where="tool name") + check_value(call.get("args"), where=where)
+    return problems[:5]
+
+
+def kept_text(text: str) -> str:
+    """`text` as the thread keeps it: lone surrogates (which no checkpoint can store) replaced by
+    U+FFFD. Only for drafts that were refused: accepted text never holds one (`parse_json` refuses it)."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def route_after_reason(state: State) -> Literal["approve", "act", "check_output", "__end__"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,10 +14,12 @@ from langchain_core.tools import BaseTool
 
 from keelgraph.contracts.contract import Contract
 from keelgraph.contracts.decision import Strategy
+from keelgraph.contracts.errors import BudgetExceeded
 from keelgraph.runtime.cache import ModelCache
 from keelgraph.runtime.models import ModelChain, ModelSource, Price
 from keelgraph.tools.execution import policy_of
 from keelgraph.tools.ledger import EffectLedger
+from keelgraph.tools.pool import DEFAULT_WORKERS, ToolPool
 
 __all__ = ["AgentSpec", "ModelSource", "refuses_feature"]
 
@@ -69,8 +72,36 @@ class AgentSpec:
     """Also cache calls made at a temperature above 0. Off by default: a cached reply would freeze
     what is meant to be sampled (and repairs, which resample at `REPAIR_TEMPERATURE`, would get
     the same reply every time)."""
+    tool_workers: int = DEFAULT_WORKERS
+    """Threads the graph's tool calls run on at most (see `keelgraph.tools.pool.ToolPool`)."""
+    turn_timeout_s: float | None = None
+    """Seconds a turn may run (None: no limit); past it nothing more starts and the turn fails
+    with `BudgetExceeded` (unit "seconds"). Tool deadlines are capped by the time left."""
     _chain: list[ModelChain] = field(default_factory=list, compare=False, repr=False)
     _ledgers: list[EffectLedger] = field(default_factory=list, compare=False, repr=False)
+    tool_pool: ToolPool = field(init=False, compare=False, repr=False)
+    """The graph's tool workers: `tool_workers` threads at most, one per call running or hung."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tool_pool", ToolPool(self.tool_workers))
+
+    def turn_deadline(self, started: float | None) -> float | None:
+        """When a turn that began at `started` (epoch seconds) must end; None without a limit."""
+        if self.turn_timeout_s is None or started is None:
+            return None
+        return started + self.turn_timeout_s
+
+    def out_of_time(
+        self, started: float | None, usage: dict[str, int] | None = None
+    ) -> BudgetExceeded | None:
+        """The typed failure of a turn past `turn_timeout_s`, or None while it has time left."""
+        deadline = self.turn_deadline(started)
+        if deadline is None or started is None or time.time() < deadline:
+            return None
+        limit = float(self.turn_timeout_s or 0)
+        return BudgetExceeded(
+            "turn", limit=limit, spent=time.time() - started, estimate=0, usage=usage, unit="seconds"
+        )
 
     def ledger(self) -> EffectLedger | None:
         if self.effects is None or not callable(self.effects):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypedDict
 
@@ -11,7 +9,7 @@ from langchain_core.messages import AnyMessage
 from langgraph.channels.last_value import LastValue
 from langgraph.graph.message import add_messages
 
-from keelgraph.contracts.parsing import oversized_ints
+from keelgraph.contracts.boundary import stored_request
 
 __all__ = ["Context", "InputState", "ModelAttempt", "OutputState", "State", "Stats", "Status", "add_usage"]
 
@@ -69,20 +67,17 @@ class Stats(TypedDict):
     """What the turn's model replies cost, at the graph's `prices` (0 without prices)."""
 
 
-def _storable_request(value: Any) -> Any:
-    if oversized_ints(value):
-        return json.dumps(value, default=str)
-    return value
-
-
 class RequestChannel(LastValue[Any]):
-    """The request as sent, or as its JSON text when it holds integers too big for the checkpoint
-    serializer: validation then rejects them by field, where storing them would crash the run."""
+    """The request as sent, for this run; in checkpoints, what `stored_request` keeps of it (the
+    request itself when it is JSON data of at most 65,536 characters, else a bounded record with
+    its size, SHA-256 and first characters), so no request can make a checkpoint crash or grow
+    without bound. `validate_input` rejects a request that was kept as a record."""
 
     __slots__ = ()
 
-    def update(self, values: Sequence[Any]) -> bool:
-        return super().update([_storable_request(v) for v in values])
+    def checkpoint(self) -> Any:
+        value = super().checkpoint()
+        return stored_request(value) if self.is_available() else value
 
 
 class InputState(TypedDict, total=False):

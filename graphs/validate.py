@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -11,6 +13,7 @@ from langgraph.config import get_config
 from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.runtime import Runtime
 
+from keelgraph.contracts.boundary import REFUSED_REQUEST, REQUEST_KEEP_CHARS, refused_record, stored_request
 from keelgraph.contracts.errors import InputRejected
 from keelgraph.graphs.history import archive_turns, compact
 from keelgraph.graphs.prompt import tagged
@@ -20,6 +23,8 @@ from keelgraph.graphs.turn import as_text, zero_stats
 from keelgraph.tools.execution import policy_of
 
 __all__ = ["route_after_input", "validate_input"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _compacted(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
@@ -47,6 +52,24 @@ def _compacted(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) 
     if plan.removed:
         update["messages"] = [RemoveMessage(id=REMOVE_ALL_MESSAGES)]
     return update
+
+
+def _rejected_text(raw: Any) -> str:
+    """A rejected request as the thread keeps it: as sent (its JSON text) when that is storable and
+    at most `REQUEST_KEEP_CHARS` long, else the bounded record of `stored_request`."""
+    if isinstance(raw, str):
+        text: str | None = raw
+    else:
+        try:
+            text = as_text(raw)
+        except (ValueError, TypeError, RecursionError):  # cycles, 4,300+ digits, deep nesting
+            text = None
+    if text is not None and len(text) <= REQUEST_KEEP_CHARS and not _SURROGATE.search(text):
+        return text
+    record = stored_request(raw)
+    if not (isinstance(record, dict) and REFUSED_REQUEST in record):  # storable, but its text is not
+        record = refused_record(raw, [])
+    return json.dumps(record, ensure_ascii=False)
 
 
 def validate_input(
@@ -80,7 +103,7 @@ def validate_input(
     try:
         value = spec.contract.parse_input(raw)
     except InputRejected as exc:
-        message = tagged(HumanMessage(as_text(raw)), "rejected")
+        message = tagged(HumanMessage(_rejected_text(raw)), "rejected")
         return {
             **reset,
             "status": "rejected",

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from langchain_core.tools import BaseTool
-from pydantic import BaseModel, ValidationError
+from langchain_core.tools import BaseTool, ToolException
+from pydantic import BaseModel
 
-from keelgraph.contracts.errors import Problem, explain
-from keelgraph.contracts.parsing import storable
+from keelgraph.contracts.boundary import ROOT, Limits, safe_value
+from keelgraph.contracts.errors import Problem
+from keelgraph.tools.arguments import validate_args
+from keelgraph.tools.errors import short_reason
 from keelgraph.tools.ledger import running_with_key
+from keelgraph.tools.pool import PoolFull, ToolPool, bounds
 from keelgraph.tools.retry import Backoff, retry_after
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
 
 SideEffect = Literal["read", "write", "external"]
 _POLICY_KEY = "keelgraph_policy"
+_log = logging.getLogger("keelgraph")
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,9 @@ class ToolPolicy:
 
     timeout_s: float = 15.0
     """A call still running after this is reported to the model as a failure: an async tool is
-    cancelled; a sync one is abandoned (its thread cannot be killed) and never waited for."""
+    cancelled; a sync one is abandoned (its thread cannot be killed) and never waited for, and it
+    holds one of the graph's `tool_workers` until it returns. Capped by the time left in the turn
+    (`turn_timeout_s`); time spent waiting for a free worker counts."""
     retries: int = 0
     """Further tries after a transient failure (an exception in `retry_on`), with exponential
     backoff from `backoff_s`, or the wait the failure's response asks for (`retry-after-ms`,
@@ -106,6 +114,10 @@ class ToolPolicy:
     """For `write`/`external` tools: the key under which a completed call is recorded in the
     effect ledger (a replay with the same key returns the recorded result instead of acting
     again). By default: the thread, the turn, the tool and its arguments."""
+    error_detail: Literal["short", "full"] = "short"
+    """What the model and the thread read of an exception the tool raised: "short" (the error class
+    and a redacted first line, see `keelgraph.tools.errors`; the full text goes to the log) or "full"
+    (its whole text, for tools whose messages are written for the model)."""
     idempotent: bool = False
     """The tool passes `keelgraph.tools.effect_key()` to a system that deduplicates by it, so a
     call cut off mid-way (process killed, timeout) may be repeated with the same key. Without
@@ -147,6 +159,10 @@ class CallOutcome:
     problems: list[Problem] = field(default_factory=list)
     kind: Literal["ok", "tool_args", "tool_error", "timeout"] = "ok"
     seconds: float = 0.0
+    ran: bool = True
+    """Whether the tool was started (a timeout or an error it raised included): such calls count
+    against `max_tool_calls`. False for calls refused before running (bad arguments, no free
+    worker, no time left in the turn, a write whose outcome is unknown)."""
 
     @classmethod
     def failed(
@@ -159,6 +175,7 @@ class CallOutcome:
         reason: str,
         fix: str,
         seconds: float = 0.0,
+        ran: bool = False,
     ) -> CallOutcome:
         """A call that did not succeed; the model reads `ERROR: <reason>.`"""
         problem = Problem(field=name, reason=reason, fix=fix)
@@ -171,7 +188,18 @@ class CallOutcome:
             problems=[problem],
             kind=kind,
             seconds=seconds,
+            ran=ran,
         )
+
+
+RESULT_LIMITS = Limits(max_chars=10**9, max_string_chars=10**9, max_items=10**6, max_nodes=10**7)
+"""What a tool result may hold as it is: only what a thread cannot keep is changed (NaN, overflowing
+integers, lone surrogates, nesting past 64 levels, cycles, objects that are not data); a long
+result is cut for the model by `max_output_chars` and for the thread by `max_stored_chars`."""
+NOT_DATA_PREFIX = "a value of type"
+NOT_DATA = "{tool} returned a {kind}, which is not data (text, numbers, lists or objects)"
+NOT_DATA_FIX = "answer with what you know; the tool needs fixing"
+CHANGED_NOTE = "(keelgraph changed {count} value(s) of this result so it could be kept, e.g. {first})"
 
 
 def fence(name: str, output: Any, limit: int) -> str:
@@ -200,49 +228,119 @@ def allowed_values(tool: BaseTool, ctx: GuardContext) -> dict[str, list[Any]]:
     return {name: list(values) for name, values in policy.choices(ctx).items() if values}
 
 
-def validate_args(tool: BaseTool, args: Mapping[str, Any]) -> list[Problem]:
-    """The problems of `args` against the tool's argument schema (empty when valid)."""
-    schema = tool.args_schema
-    if isinstance(schema, type) and issubclass(schema, BaseModel):
-        try:
-            schema.model_validate(dict(args))
-        except ValidationError as exc:
-            return explain(exc, prefix="args", model=schema)
-    return []
+CANCEL_GRACE_S = 0.1
+"""How long an async tool cancelled at its deadline is given to unwind (a cooperative coroutine
+takes microseconds); one that ignores the cancellation is abandoned like a sync tool."""
 
 
-def _attempt_call(tool: BaseTool, args: dict[str, Any], timeout_s: float, key: str | None) -> dict[str, Any]:
-    """One try under the deadline: `{"output": ...}`, `{"error": exc}` or `{"timeout": True}`."""
+class _Cancel:
+    """Cancels an async tool's task, from the caller's thread, in the worker's event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def run(self, tool: BaseTool, args: dict[str, Any]) -> Any:
+        with self._lock:
+            if self._cancelled:
+                raise asyncio.CancelledError
+            self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
+        return await tool.ainvoke(args)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._loop is not None and self._task is not None:
+                with contextlib.suppress(RuntimeError):  # a closed loop: the tool returned meanwhile
+                    self._loop.call_soon_threadsafe(self._task.cancel)
+
+
+def _attempt_call(
+    tool: BaseTool, args: dict[str, Any], timeout_s: float, key: str | None, pool: ToolPool
+) -> dict[str, Any]:
+    """One try under the deadline, on a worker of `pool`: `{"output": ...}`, `{"error": exc}`,
+    `{"timeout": True}` or `{"busy": PoolFull}` (not started: no worker came free in time)."""
     box: dict[str, Any] = {}
     is_async = getattr(tool, "func", None) is None and getattr(tool, "coroutine", None) is not None
+    cancel = _Cancel()
 
     def target() -> None:
         try:
             with running_with_key(key):
                 if is_async:  # cancelled at the deadline, so it stops instead of running on
-                    box["output"] = asyncio.run(asyncio.wait_for(tool.ainvoke(args), timeout_s))
+                    box["output"] = asyncio.run(cancel.run(tool, args))
                 else:
                     box["output"] = tool.invoke(args)
+        except asyncio.CancelledError:
+            box["timeout"] = True
         except TimeoutError:
             box["timeout"] = True
         except Exception as exc:  # a tool's failure is reported to the model, not raised
             box["error"] = exc
 
-    # A daemon thread per call: a hung sync tool is abandoned without blocking later calls.
-    worker = threading.Thread(target=target, name=f"keelgraph-tool-{tool.name}", daemon=True)
-    worker.start()
-    worker.join(timeout_s + (1.0 if is_async else 0.0))  # an async tool gets time to be cancelled
-    if worker.is_alive():
-        return {"timeout": True}
-    return box
+    began = time.monotonic()
+    try:
+        job = pool.start(target, name=tool.name, wait_s=timeout_s)
+    except PoolFull as full:
+        _log.warning("keelgraph: %s", full.reason)
+        return {"busy": full}
+    # The wait for a worker counts against the deadline: no call is waited on past it.
+    if pool.wait(job, timeout_s - (time.monotonic() - began)):
+        return box
+    if is_async:  # cancel it; a coroutine that ignores the cancellation is abandoned
+        cancel.cancel()
+        job.done.wait(CANCEL_GRACE_S)
+    return {"timeout": True}
+
+
+def _tries(
+    tool: BaseTool, args: dict[str, Any], key: str | None, pool: ToolPool, deadline: float | None
+) -> tuple[dict[str, Any], int, float]:
+    """The tries of one call, retried by its policy, none past `deadline`: the last try's box (empty
+    when the deadline passed before the first), how many were made and the last one's deadline."""
+    policy = policy_of(tool)
+    tries = 1 + (policy.retries if policy.side_effect == "read" or policy.idempotent else 0)
+    backoff = Backoff(policy.backoff_s, cap_s=policy.max_retry_wait_s)
+    box: dict[str, Any] = {}
+    timeout_s, number = policy.timeout_s, 0
+    while number < tries:
+        if deadline is not None:
+            timeout_s = min(policy.timeout_s, deadline - time.time())
+            if timeout_s <= 0:
+                break
+        number += 1
+        box = _attempt_call(tool, args, timeout_s, key, pool)
+        error = box.get("error")
+        if number == tries or not isinstance(error, policy.retry_on):
+            break
+        wait = backoff.delay(number, retry_after=retry_after(error))
+        if wait is None or (deadline is not None and time.time() + wait >= deadline):
+            break  # the service asks for longer than the policy (or the turn) waits
+        time.sleep(wait)
+    return box, number, timeout_s
+
+
+TURN_SPENT = "{tool} was not started: the turn's time limit is spent"
+TURN_SPENT_FIX = "answer with what you know"
 
 
 def run_tool_call(
-    tool: BaseTool, call_id: str, args: dict[str, Any], *, effect_key: str | None = None
+    tool: BaseTool,
+    call_id: str,
+    args: dict[str, Any],
+    *,
+    effect_key: str | None = None,
+    pool: ToolPool | None = None,
+    deadline: float | None = None,
 ) -> CallOutcome:
     """Validate `args`, run the tool under its deadline, and describe the outcome for the model.
 
-    `effect_key` is what `keelgraph.tools.effect_key()` returns inside the tool.
+    `effect_key` is what `keelgraph.tools.effect_key()` returns inside the tool. The call runs on
+    `pool` and ends by `deadline` (epoch seconds); by default those of the enclosing
+    `keelgraph.tools.pool.running_in` block (a graph's act node), else a pool shared by calls made
+    outside a graph, and no deadline but the tool's.
     """
     policy = policy_of(tool)
     problems = validate_args(tool, args)
@@ -256,43 +354,73 @@ def run_tool_call(
             content=f"ERROR: invalid arguments for {tool.name}; nothing was run.\n{lines}",
             problems=problems,
             kind="tool_args",
+            ran=False,
         )
-    tries = 1 + (policy.retries if policy.side_effect == "read" or policy.idempotent else 0)
-    backoff = Backoff(policy.backoff_s, cap_s=policy.max_retry_wait_s)
+    found_pool, found_deadline = bounds()
+    pool = pool if pool is not None else found_pool
+    deadline = deadline if deadline is not None else found_deadline
     started = time.perf_counter()
-    for number in range(1, tries + 1):
-        box = _attempt_call(tool, args, policy.timeout_s, effect_key)
-        error = box.get("error")
-        if number == tries or not isinstance(error, policy.retry_on):
-            break
-        wait = backoff.delay(number, retry_after=retry_after(error))
-        if wait is None:  # the service asks for longer than the policy waits
-            break
-        time.sleep(wait)
+    box, number, timeout_s = _tries(tool, args, effect_key, pool, deadline)
     seconds = time.perf_counter() - started
+    if not box:  # the turn's time ran out before the first try
+        reason = TURN_SPENT.format(tool=tool.name)
+        return CallOutcome.failed(
+            call_id, tool.name, args, kind="tool_error", reason=reason, fix=TURN_SPENT_FIX
+        )
+    if "busy" in box:
+        # Not started, so nothing happened: a `tool_error` (the effect ledger forgets the call).
+        full: PoolFull = box["busy"]
+        return CallOutcome.failed(
+            call_id, tool.name, args, kind="tool_error", reason=full.reason, fix=full.fix, ran=number > 1
+        )
     failure: tuple[Literal["timeout", "tool_error"], str, str] | None = None
     tried = f" ({number} tries)" if number > 1 else ""
     if box.get("timeout"):
-        reason = f"the tool did not finish within {policy.timeout_s:g} s{tried}"
+        capped = timeout_s < policy.timeout_s
+        within = f"{timeout_s:.2f} s, the time left in this turn" if capped else f"{policy.timeout_s:g} s"
+        reason = f"the tool did not finish within {within}{tried}"
         failure = ("timeout", reason, "answer with what you know, or try a narrower request")
     elif "error" in box:
         exc = box["error"]
+        # The thread and the model get the class and a short redacted line; the log gets it all.
+        _log.warning("keelgraph: tool %s raised %s", tool.name, type(exc).__name__, exc_info=exc)
+        # A `ToolException` (LangChain's convention; keelgraph's HTTP and workflow tools raise them)
+        # carries a message written for the model: it is shown whole.
+        full = policy.error_detail == "full" or isinstance(exc, ToolException)
+        said = str(exc).strip() if full else short_reason(exc)
         failure = (
             "tool_error",
-            f"{tool.name} failed{tried}: {type(exc).__name__}: {exc}",
+            f"{tool.name} failed{tried}: {type(exc).__name__}" + (f": {said}" if said else ""),
             "check the arguments",
         )
     if failure is not None:
         kind, reason, fix = failure
         return CallOutcome.failed(
-            call_id, tool.name, args, kind=kind, reason=reason, fix=fix, seconds=seconds
+            call_id, tool.name, args, kind=kind, reason=reason, fix=fix, seconds=seconds, ran=True
         )
     output = box.get("output")
     if isinstance(output, BaseModel):
         output = output.model_dump(mode="json")
-    output = storable(output)  # integers past 64 bits become text: the thread must be able to keep it
-    text = output if isinstance(output, str) else json.dumps(output, default=str, ensure_ascii=False)
+    # What the thread keeps and the model reads is JSON data: a result that is no data at all is the
+    # tool's fault (a typed error); values that cannot be kept as they are (NaN, 64-bit overflow,
+    # lone surrogates, cycles, objects inside) are shown as safe text, and the model is told.
+    output, changed = safe_value(output, RESULT_LIMITS)
+    if changed and changed[0].field == ROOT and changed[0].reason.startswith(NOT_DATA_PREFIX):
+        reason = NOT_DATA.format(tool=tool.name, kind=type(box.get("output")).__name__)
+        return CallOutcome.failed(
+            call_id,
+            tool.name,
+            args,
+            kind="tool_error",
+            reason=reason,
+            fix=NOT_DATA_FIX,
+            seconds=seconds,
+            ran=True,
+        )
+    text = output if isinstance(output, str) else json.dumps(output, ensure_ascii=False)
     content = fence(tool.name, policy.present(output) if policy.present else text, policy.max_output_chars)
+    if changed:
+        content += "\n" + CHANGED_NOTE.format(count=len(changed), first=changed[0].line())
     if len(text) > policy.max_stored_chars:
         cut = len(text) - policy.max_stored_chars
         output = f"{text[: policy.max_stored_chars]}... [cut for storage: {cut} more characters]"

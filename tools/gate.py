@@ -14,6 +14,7 @@ from typing import Any
 
 from langchain_core.tools import BaseTool
 
+from keelgraph.contracts.boundary import Limits, check_value
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
 from keelgraph.tools.execution import GuardContext, allowed_values, needs_approval, policy_of, validate_args
@@ -43,6 +44,9 @@ APPROVAL_HOW = (
     "(with one call, the decision alone will do)"
 )
 """How to answer an approval interrupt; shown in the interrupt and in every resume error."""
+
+DECISION_LIMITS = Limits(max_depth=8, max_chars=100_000)
+"""A person's decision is a small object: anything deeper or larger is asked again."""
 
 NO_SUCH_TOOL = "there is no tool named {name!r}"
 NOT_AVAILABLE = "{name} is not available any more in this turn"
@@ -214,6 +218,8 @@ def read_decisions(value: Any, asked: Sequence[Mapping[str, Any]]) -> dict[str, 
     >>> read_decisions("approve", asked)["c1"]["action"]
     'approve'
     """
+    if problems := check_value(value, DECISION_LIMITS):
+        raise ValueError(f"the decision cannot be read: {problems[0].line()}; {APPROVAL_HOW}")
     if isinstance(value, str) and len(asked) == 1:
         value = {"action": value}
     if isinstance(value, Mapping) and "action" in value and len(asked) == 1:

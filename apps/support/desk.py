@@ -189,9 +189,20 @@ _STATUSES = ("processing", "shipped", "delivered", "cancelled")
 _NEGATED = re.compile(r"(\bnot|n't|\bnever|\bno longer)\s+(yet\s+|been\s+|be\s+)?$")
 
 
+_CLAIMED = re.compile(
+    r"\b(?:is|was|are|were|been|being|has|have|had|status|currently|now|already|it|\d{4,})\W+(?:\w+\W+){0,2}$"
+)
+"""What comes before a status word that states it ("is being processed", "has shipped", "status:
+processing"), unlike "sent for further processing"."""
+
+
 def _asserts(word: str, sentence: str) -> bool:
-    """Whether `sentence` states `word` (a status) of its order: "was not delivered" does not."""
-    return any(not _NEGATED.search(sentence[: m.start()]) for m in re.finditer(rf"\b{word}", sentence))
+    """Whether `sentence` states `word` (a status) of its order: "was not delivered" does not, and
+    neither does the word used otherwise ("for further processing")."""
+    return any(
+        _CLAIMED.search(sentence[: m.start()]) and not _NEGATED.search(sentence[: m.start()])
+        for m in re.finditer(rf"\b{word}", sentence)
+    )
 
 
 def reports_problem(request: Mapping[str, Any]) -> bool:
@@ -434,6 +445,7 @@ NO_DELIVERY_DATE = (
     "the shop has no delivery date for order {order_id}; do not give a date for it, say that it is {status}"
 )
 NOT_ASKED = "the customer asked only about {asked}; leave out order {order_id} ({items})"
+ECHO = "the reply repeats the customer's message; answer it with the facts of their orders"
 
 
 def _orders(ctx: CheckContext[SupportRequest]) -> list[dict[str, Any]]:
@@ -472,7 +484,13 @@ def derive(answer: dict[str, Any], ctx: CheckContext[SupportRequest]) -> dict[st
     # The orders the customer asked about are the reply's subject whatever the model wrote, and
     # their status is stated: a fact the system knows, added when the model's reply leaves it out.
     text = answer.get("reply")
-    for order in asked_orders(ctx):
+    asked = asked_orders(ctx)
+    if asked:  # ids the model listed but neither asked about nor named in its reply are dropped
+        kept = {o["order_id"] for o in asked} | {
+            o["order_id"] for o in _orders(ctx) if _mentions(str(text or "").lower(), o)
+        }
+        ids = [i for i in ids if i in kept]
+    for order in asked:
         if order["order_id"] not in ids:
             ids = [*ids, order["order_id"]]
         line = STATUS_LINE.format(**order)
@@ -535,6 +553,21 @@ def claims_are_true(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> l
     return problems
 
 
+def answers_the_message(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
+    """Check: the reply answers a question instead of writing it back."""
+    said, wrote = _words_of(reply.reply), _words_of(ctx.input.message)
+    # Only a question written back is no answer; a statement echoed ("Please always e-mail me")
+    # reads as an acknowledgement.
+    asked = "?" in ctx.input.message
+    if asked and wrote and len(said & wrote) >= 0.8 * len(said | wrote):
+        return [ECHO]
+    return []
+
+
+def _words_of(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
 def only_what_was_asked(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
     """Check: a question about one order is answered about that order, not the customer's others."""
     asked = asked_orders(ctx)
@@ -555,7 +588,13 @@ def make_contract(db_path: Path) -> Contract[SupportRequest, SupportReply]:
         input=SupportRequest,
         output=SupportReply,
         instructions=INSTRUCTIONS,
-        checks=(partial(orders_exist, db_path), action_happened, claims_are_true, only_what_was_asked),
+        checks=(
+            partial(orders_exist, db_path),
+            action_happened,
+            claims_are_true,
+            answers_the_message,
+            only_what_was_asked,
+        ),
         derive=derive,
         repair_budget=3,
         name="support",

@@ -20,7 +20,7 @@ import httpx
 from keelgraph.contracts.errors import UserError
 from keelgraph.local.processes import free_port, log_tail, port_free, start_helper, stop_group
 
-__all__ = ["DevServer", "free_port", "run", "serve_env", "write_config"]
+__all__ = ["MAX_BODY_BYTES", "DevServer", "free_port", "run", "serve_env", "write_config"]
 
 _QUIET = {
     "LANGGRAPH_CLI_NO_ANALYTICS": "1",
@@ -29,6 +29,11 @@ _QUIET = {
     "LANGCHAIN_TRACING_V2": "false",
 }
 _KEYS = ("LANGSMITH_API_KEY", "LANGCHAIN_API_KEY")
+MAX_BODY_BYTES = 1024 * 1024
+"""The largest HTTP body the served API accepts (langgraph-api's `HTTP_MAX_REQUEST_BODY_BYTES`,
+300 MB by default): larger ones are answered 413 before anything is parsed or stored. A request
+over `Contract.max_request_chars` (20,000 by default) is refused anyway; 1 MiB leaves room for
+threads, commands and a run's config. Set the variable to change it."""
 _NEEDS = ("langgraph_cli", "langgraph_api", "langgraph_runtime_inmem")
 _MOVED = re.compile(r"Port \d+ is already in use, using port (\d+) instead")
 
@@ -43,6 +48,7 @@ def serve_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     for key in _KEYS:
         env.pop(key, None)
     env.update(_QUIET)
+    env.setdefault("HTTP_MAX_REQUEST_BODY_BYTES", str(MAX_BODY_BYTES))
     return env
 
 

@@ -224,3 +224,21 @@ async def test_approval_interrupt_and_resume_over_http(client: LangGraphClient) 
     assert isinstance(done, dict) and done["status"] == "ok", done
     tools = [m["content"] for m in await messages(client, thread_id) if m["type"] == "tool"]
     assert len(tools) == 1 and "refunded 20.00 on order 7" in tools[0]
+
+
+async def test_an_oversize_body_is_refused_413_and_never_stored(
+    served: tuple[str, str], client: LangGraphClient
+) -> None:
+    """A 2 MB body gets HTTP 413 from the server (`HTTP_MAX_REQUEST_BODY_BYTES`, set by keelgraph to
+    1 MiB) before anything is parsed or stored; the thread stays empty."""
+    import httpx
+
+    url, token = served
+    thread_id = await new_thread(client)
+    body = {"assistant_id": GRAPH, "input": {"request": {"customer_id": 1, "message": "x" * 2_000_000}}}
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+        reply = await http.post(f"/threads/{thread_id}/runs/wait", json=body, timeout=30)
+    assert reply.status_code == 413, reply.text[:300]
+    assert "too large" in reply.text
+    state = await client.threads.get_state(thread_id)
+    assert not state["values"]
