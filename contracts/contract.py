@@ -23,6 +23,7 @@ from keelgraph.contracts.repair import field_paths, named_field
 __all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
 
 InT = TypeVar("InT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
 
@@ -192,6 +193,12 @@ class Contract(Generic[InT, OutT]):
     When no tool may be offered (none passes `offer_when`, or the tool rounds are spent) the answer
     is offered as usual, and the checks judge it."""
     name: str = field(default="")
+    strict: bool = False
+    """Validate requests and answers in Pydantic's strict mode, as JSON: `"21"` is then no integer
+    and `1.0` no `int`, while dates and other formatted strings stay text. Off by default (Pydantic's
+    lax mode: such values are converted); tool arguments are always strict
+    (`keelgraph.tools.arguments`). Either way the boundary policy (depth, sizes, text, finite
+    numbers) applies."""
 
     def __post_init__(self) -> None:
         for role, model in (("input", self.input), ("output", self.output)):
@@ -257,7 +264,7 @@ class Contract(Generic[InT, OutT]):
         if size > self.max_request_chars:
             raise InputRejected([self._oversize(size)])
         try:
-            value = self.input.model_validate(raw)
+            value = self._validate(self.input, raw)
         except ValidationError as exc:
             raise InputRejected(explain(exc, model=self.input)) from None
         if too_big := _too_big(value, ""):
@@ -268,6 +275,11 @@ class Contract(Generic[InT, OutT]):
     def limits(self) -> Limits:
         """The boundary limits of this contract's requests and answers (depth, sizes, numbers)."""
         return LIMITS
+
+    def _validate(self, model: type[ModelT], value: Any) -> ModelT:
+        if self.strict:
+            return model.model_validate_json(json.dumps(value, default=str), strict=True)
+        return model.model_validate(value)
 
     def _oversize(self, size: int) -> Problem:
         return Problem(
@@ -331,9 +343,9 @@ class Contract(Generic[InT, OutT]):
         """Validate an answer (dict or JSON text) against the output model; raise `OutputInvalid`."""
         try:
             if isinstance(value, str):
-                output = self.output.model_validate_json(value)
+                output = self.output.model_validate_json(value, strict=self.strict or None)
             else:
-                output = self.output.model_validate(value)
+                output = self._validate(self.output, value)
         except ValidationError as exc:
             raise OutputInvalid(explain(exc, prefix="answer", model=self.output)) from None
         if too_big := _too_big(output, "answer"):

@@ -334,3 +334,17 @@ def test_tool_exception_text_is_redacted_unless_the_tool_opts_in(
     assert ("SELECT secret" in kept) == (detail == "full")
     assert ("/srv/app" in kept) == (detail == "full")
     assert "SELECT secret FROM users" in caplog.text  # the whole text is in the log either way
+
+
+def test_the_refused_request_benchmark_runs_and_meets_its_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "bench" / "refused_request.py"
+    spec = importlib.util.spec_from_file_location("bench_refused_request", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_refused_request", bench)  # its TypedDict resolves names there
+    spec.loader.exec_module(bench)
+    stored = bench.main(["--mb", "2"])
+    assert stored["keelgraph"] <= 64 * 1024 < stored["plain"]

@@ -138,3 +138,28 @@ def test_in_a_graph_a_refused_call_never_runs_and_the_model_is_told(tmp_path: Pa
     assert result["status"] == "ok"
     assert RAN == [{"customer_id": 10}]
     assert result["stats"]["repairs"] == 1
+
+
+class Temp(BaseModel):
+    celsius: int
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_contract_validates_strictly_when_asked_and_laxly_by_default(strict: bool) -> None:
+    contract = Contract(input=Temp, output=Temp, instructions="Echo.", strict=strict)
+    from keelgraph import InputRejected
+    from keelgraph.contracts import OutputInvalid
+
+    if strict:
+        with pytest.raises(InputRejected) as caught:
+            contract.parse_input({"celsius": "21"})
+        assert caught.value.problems[0].field == "celsius"
+        with pytest.raises(OutputInvalid):
+            contract.parse_output({"celsius": 21.0})
+        with pytest.raises(InputRejected):
+            contract.parse_input('{"celsius": "21"}')
+    else:
+        assert contract.parse_input({"celsius": "21"}).celsius == 21
+        assert contract.parse_output({"celsius": 21.0}).celsius == 21
+    assert contract.parse_input({"celsius": 21}).celsius == 21
+    assert contract.parse_output('{"celsius": 21}').celsius == 21
