@@ -17,6 +17,7 @@ __all__ = [
     "LIMITS",
     "REFUSED_REQUEST",
     "REQUEST_KEEP_CHARS",
+    "UNSTORABLE",
     "Limits",
     "check_text",
     "check_value",
@@ -306,12 +307,19 @@ class _Walk:
             return self.container(node, depth, path, stack, open_ids)
         if node is None or kind is bool:
             return node
-        if issubclass(kind, str):
+        if kind is str:
             return self.text(node, path, "string")
-        if issubclass(kind, int):
+        if kind is int:
             return self.integer(node, path)
-        if issubclass(kind, float):
+        if kind is float:
             return self.number(node, path)
+        if issubclass(kind, (str, int, float)):  # an enum, a numpy scalar: data-like, not JSON data
+            self.report(path, NOT_JSON.format(kind=_kind(node)), NOT_JSON_FIX)
+            if issubclass(kind, str):
+                return self.text(str.__str__(node), path, "string")
+            if issubclass(kind, int):
+                return self.integer(int.__int__(node), path)
+            return self.number(float.__float__(node), path)
         if issubclass(kind, (dict, list, tuple)):
             return self.container(node, depth, path, stack, open_ids)
         if kind is _Refused:
@@ -581,6 +589,9 @@ def _float_text(number: float) -> str:
     return repr(float.__float__(number))
 
 
+UNSTORABLE = "keelgraph_unstorable"
+"""The key of the record a checkpoint keeps instead of a written value it could not store (see
+`keelgraph.graphs.persistence.StorableSerializer`); no contract accepts it."""
 REFUSED_REQUEST = "keelgraph_refused_request"
 """The key of the bounded record a thread keeps instead of a request it cannot or should not keep."""
 REQUEST_KEEP_CHARS = 65_536

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from keelgraph.contracts.boundary import LIMITS, REFUSED_REQUEST, ROOT, Limits, check_value
+from keelgraph.contracts.boundary import LIMITS, REFUSED_REQUEST, ROOT, UNSTORABLE, Limits, check_value
 from keelgraph.contracts.decision import inline_refs
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
 from keelgraph.contracts.parsing import ParseError, loads_strict, oversized_ints
@@ -227,10 +227,20 @@ class Contract(Generic[InT, OutT]):
             raise InputRejected(
                 [Problem(field="request", reason="no request was sent", fix=f"send {example}")]
             )
-        if isinstance(raw, Mapping) and set(raw) == {REFUSED_REQUEST}:
-            raise InputRejected(_record_problems(raw[REFUSED_REQUEST], example))
+        if (
+            isinstance(raw, Mapping)
+            and len(raw) == 1
+            and (key := next(iter(raw))) in {REFUSED_REQUEST, UNSTORABLE}
+        ):
+            raise InputRejected(_record_problems(raw[key], example))
         if isinstance(raw, (bytes, bytearray)):
-            raw = bytes(raw).decode("utf-8", errors="replace")
+            try:
+                raw = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                reason = f"the body is not valid UTF-8 (byte {exc.start:,})"
+                raise InputRejected(
+                    [Problem(field="request", reason=reason, fix="send UTF-8 text")]
+                ) from None
         if isinstance(raw, str):
             if len(raw) > self.max_request_chars:
                 raise InputRejected([self._oversize(len(raw))])
@@ -341,11 +351,27 @@ class Contract(Generic[InT, OutT]):
 
     def parse_output(self, value: Any) -> OutT:
         """Validate an answer (dict or JSON text) against the output model; raise `OutputInvalid`."""
+        if isinstance(value, str):
+            try:
+                value = loads_strict(value, limits=self.limits)
+            except ParseError as exc:
+                raise OutputInvalid(
+                    [p.model_copy(update={"field": "answer"}) if p.field == ROOT else p for p in exc.problems]
+                ) from None
+            except json.JSONDecodeError as exc:
+                raise OutputInvalid(
+                    [
+                        Problem(
+                            field="answer",
+                            reason=f"the answer is not valid JSON ({exc.msg})",
+                            fix="write one JSON object",
+                        )
+                    ]
+                ) from None
+        elif problems := check_value(value, self.limits, where="answer"):
+            raise OutputInvalid(problems)
         try:
-            if isinstance(value, str):
-                output = self.output.model_validate_json(value, strict=self.strict or None)
-            else:
-                output = self._validate(self.output, value)
+            output = self._validate(self.output, value)
         except ValidationError as exc:
             raise OutputInvalid(explain(exc, prefix="answer", model=self.output)) from None
         if too_big := _too_big(output, "answer"):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from keelgraph.contracts.errors import Problem
+from keelgraph.contracts.parsing import ParseError, loads_strict
 
 __all__ = [
     "ANSWER",
@@ -276,10 +277,12 @@ def read_decision(
         recoveries = ("tool call written in another format",)
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = loads_strict(args)
             recoveries = (*recoveries, "arguments were a JSON string")
         except json.JSONDecodeError:
             pass
+        except ParseError as exc:  # deep, huge, NaN, a lone surrogate or NUL inside the string
+            raise DecisionError(exc.problem, kind="tool_args") from None
     if not isinstance(args, dict):
         raise DecisionError(
             Problem(

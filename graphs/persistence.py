@@ -31,7 +31,16 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.store.base import BaseStore, IndexConfig
 
 from keelgraph._sqlite import connect, pragmas
-from keelgraph.contracts.boundary import BIG_INT_MARK, CYCLE_MARK, DEEP_MARK, INT64_MAX, INT64_MIN
+from keelgraph.contracts.boundary import (
+    BIG_INT_MARK,
+    CYCLE_MARK,
+    DEEP_MARK,
+    INT64_MAX,
+    INT64_MIN,
+    UNSTORABLE,
+    Limits,
+    safe_value,
+)
 from keelgraph.contracts.errors import UserError
 
 if TYPE_CHECKING:
@@ -73,10 +82,21 @@ class StorableSerializer(JsonPlusSerializer):
 
     def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
         obj = _bounded(obj)
-        try:
-            return super().dumps_typed(obj)
-        except (TypeError, ValueError, UnicodeError, RecursionError, OverflowError):
+        checkpoint = isinstance(obj, dict) and "channel_values" in obj
+        # msgpack stores a lone surrogate without complaint, and it reads back as another character:
+        # a value that changes on its way through the checkpoint is treated as one it cannot store.
+        if not _has_surrogate(obj):
+            try:
+                return super().dumps_typed(obj)
+            except (TypeError, ValueError, UnicodeError, RecursionError, OverflowError):
+                pass
+        if checkpoint:  # keep what it can store
             return super().dumps_typed(self._storable(obj, 0, set()))
+        # A single written value (a run's input, a resume value): stored as a record that no node
+        # accepts, never as a cleaned-up copy that could pass where the value itself was refused (a
+        # refused decision replayed on a later resume would otherwise read as a valid one).
+        record = {UNSTORABLE: {"type": type(obj).__name__, "preview": safe_value(obj, _PREVIEW)[0]}}
+        return super().dumps_typed(record)
 
     def _storable(self, value: Any, depth: int, path: set[int]) -> Any:
         """`value` with what a checkpoint cannot store replaced by safe text: lone surrogates by
@@ -95,10 +115,7 @@ class StorableSerializer(JsonPlusSerializer):
                 return CYCLE_MARK
             inner = path | {id(value)}
             if isinstance(value, dict):
-                return {
-                    self._storable(k, depth + 1, inner): self._storable(v, depth + 1, inner)
-                    for k, v in value.items()
-                }
+                return {self._storable_key(k): self._storable(v, depth + 1, inner) for k, v in value.items()}
             return [self._storable(v, depth + 1, inner) for v in value]
         try:
             super().dumps_typed(value)
@@ -106,8 +123,20 @@ class StorableSerializer(JsonPlusSerializer):
             return f"<{type(value).__name__}: not storable>"
         return value
 
+    def _storable_key(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return _SURROGATE.sub("\ufffd", key)
+        if (
+            key is None
+            or isinstance(key, (bool, float))
+            or (isinstance(key, int) and INT64_MIN <= key <= INT64_MAX)
+        ):
+            return key
+        return f"<{type(key).__name__} key>"
+
 
 _STORE_DEPTH = 100
+_PREVIEW = Limits(max_depth=8, max_chars=2_000, max_string_chars=500, max_items=20)
 STORE_MAX_CHARS = 1_000_000
 """No text longer than this is written to a checkpoint. Nothing keelgraph keeps comes near it (tool
 results are cut at `max_stored_chars`, requests over `Contract.max_request_chars` are refused): a
@@ -141,6 +170,25 @@ def _not_stored(text: str) -> str:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(obj: Any, budget: int = 100_000) -> bool:
+    """Whether plain data in `obj` (text, and dicts, lists and tuples of it, objects not entered)
+    holds a lone surrogate; iterative, and gives up (False) after `budget` values."""
+    stack = [obj]
+    seen = 0
+    while stack and seen < budget:
+        value = stack.pop()
+        seen += 1
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                return True
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return False
 
 
 def _digits(value: int) -> int:

@@ -62,7 +62,7 @@ def _rejected_text(raw: Any) -> str:
     else:
         try:
             text = as_text(raw)
-        except (ValueError, TypeError, RecursionError):  # cycles, 4,300+ digits, deep nesting
+        except Exception:  # cycles, 4,300+ digits, deep nesting, an object whose repr raises
             text = None
     if text is not None and len(text) <= REQUEST_KEEP_CHARS and not _SURROGATE.search(text):
         return text

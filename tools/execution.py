@@ -386,8 +386,8 @@ def run_tool_call(
         _log.warning("keelgraph: tool %s raised %s", tool.name, type(exc).__name__, exc_info=exc)
         # A `ToolException` (LangChain's convention; keelgraph's HTTP and workflow tools raise them)
         # carries a message written for the model: it is shown whole.
-        full = policy.error_detail == "full" or isinstance(exc, ToolException)
-        said = str(exc).strip() if full else short_reason(exc)
+        whole = policy.error_detail == "full" or isinstance(exc, ToolException)
+        said = str(exc).strip() if whole else short_reason(exc)
         failure = (
             "tool_error",
             f"{tool.name} failed{tried}: {type(exc).__name__}" + (f": {said}" if said else ""),

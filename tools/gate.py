@@ -231,9 +231,9 @@ def read_decisions(value: Any, asked: Sequence[Mapping[str, Any]]) -> dict[str, 
         raw = value.get(call["id"])
         if isinstance(raw, str):
             raw = {"action": raw}
-        if not isinstance(raw, Mapping) or raw.get("action") not in DECISIONS:
+        action = raw.get("action") if isinstance(raw, Mapping) else None
+        if not isinstance(raw, Mapping) or not isinstance(action, str) or action not in DECISIONS:
             raise ValueError(f"no valid decision for call {call['id']} ({call['name']}); {APPROVAL_HOW}")
-        action = str(raw["action"])
         if raw.get("name", call["name"]) != call["name"]:
             raise ValueError(
                 f"an edit cannot switch call {call['id']} from {call['name']} to another tool; "
