@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import cast, get_args
+from typing import Any, cast, get_args
 
 from keelgraph.contracts.decision import Strategy
 from keelgraph.contracts.errors import UserError
@@ -86,6 +86,15 @@ class Settings:
     def embedded(self) -> bool:
         return self.base_url is None
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting by field name (the API key included: mask it before showing it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def variables() -> list[str]:
+        """The environment variables keelgraph reads, as `keelgraph --help` lists them."""
+        return [*_VARIABLES, *_OTHER_VARIABLES]
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -120,3 +129,14 @@ class Settings:
             model_attempts=_int(env, "KEELGRAPH_MODEL_ATTEMPTS", 3),
             max_retry_wait_s=_float(env, "KEELGRAPH_MAX_RETRY_WAIT", 30.0),
         )
+
+
+_VARIABLES = [
+    "KEELGRAPH_BASE_URL", "KEELGRAPH_API_KEY (or OPENAI_API_KEY)", "KEELGRAPH_MODEL", "KEELGRAPH_TEMPERATURE",
+    "KEELGRAPH_TIMEOUT", "KEELGRAPH_MAX_TOKENS", "KEELGRAPH_OUTPUT_STRATEGY", "KEELGRAPH_DATA_DIR",
+    "KEELGRAPH_DATABASE_URL", "KEELGRAPH_CACHE_DIR", "KEELGRAPH_LLAMA_PORT", "KEELGRAPH_LLAMA_THREADS",
+    "KEELGRAPH_LLAMA_CTX", "KEELGRAPH_FALLBACK_MODELS", "KEELGRAPH_FALLBACK_BASE_URL",
+    "KEELGRAPH_MODEL_ATTEMPTS", "KEELGRAPH_MAX_RETRY_WAIT",
+]  # fmt: skip
+"""The variables behind `Settings`' fields, in field order (each field's docstring says what it does)."""
+_OTHER_VARIABLES = ["KEELGRAPH_AUTH_TOKENS (serving)", "KEELGRAPH_LOG=json (tracing)"]

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from langgraph_sdk import Auth
 from langgraph_sdk.auth.types import AuthContext
 
-from keelgraph.commands.cli import main
+from keelgraph.commands.cli import EXIT_ERROR, EXIT_NOT_FOUND, main
 from keelgraph.contracts.errors import UserError
 from keelgraph.serving import auth as kauth
 from keelgraph.serving.auth import OWNER, TokenFile, authenticate, hash_token
@@ -219,6 +219,6 @@ def test_token_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     listed = capsys.readouterr().out
     assert "alice" in listed and token not in listed
     assert main(["token", "revoke", "alice", "--file", str(path)]) == 0
-    assert main(["token", "revoke", "alice", "--file", str(path)]) == 1
-    assert main(["token", "create", "--file", str(path)]) == 1
+    assert main(["token", "revoke", "alice", "--file", str(path)]) == EXIT_NOT_FOUND
+    assert main(["token", "create", "--file", str(path)]) == EXIT_ERROR
     assert "name the user" in capsys.readouterr().err

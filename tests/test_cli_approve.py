@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from keelgraph.apps.support import desk as support
-from keelgraph.commands.cli import EXIT_WAITING, main
+from keelgraph.commands.cli import EXIT_ERROR, EXIT_WAITING, main
 from keelgraph.testing import ScriptedChatModel, answer, call
 
 ASK = '{"customer_id": 1, "message": "My keyboard from order 1002 arrived damaged"}'
@@ -51,7 +51,7 @@ def test_ask_waits_then_approve_with_an_edit(
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["output"]["ticket_id"] == 1
     assert _tickets(data) == [(1002, "keys broken, box crushed")]
-    assert main(["approve", "--thread", "t"]) == 1  # nothing waits any more
+    assert main(["approve", "--thread", "t"]) == EXIT_ERROR  # nothing waits any more
     assert "is not waiting for a person's decision" in capsys.readouterr().err
 
 
@@ -71,4 +71,4 @@ def test_approve_reject(
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["output"]["action"] == "none"
     assert _tickets(data) == []
-    assert main(["approve", "--thread", "t", "--edit", "{not json"]) == 1
+    assert main(["approve", "--thread", "t", "--edit", "{not json"]) == EXIT_ERROR

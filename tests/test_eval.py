@@ -15,7 +15,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, UserError, build_graph, with_policy
-from keelgraph.commands.cli import main
+from keelgraph.commands.cli import EXIT_ERROR, main
 from keelgraph.commands.eval import (
     Case,
     Turn,
@@ -395,22 +395,22 @@ def test_cli_usage_errors_are_clear(
     args = _eval(tmp_path, *extra)
     if extra[0] == "--threshold":
         args += ["--baseline", str(baseline)]
-    assert main(args) == 1
+    assert main(args) == EXIT_ERROR
     assert says in capsys.readouterr().err
 
 
 def test_cli_refuses_a_graph_it_cannot_load_or_instruct(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["eval", "--graph", "no.such.module:make"]) == 1
+    assert main(["eval", "--graph", "no.such.module:make"]) == EXIT_ERROR
     assert "cannot import no.such.module" in capsys.readouterr().err
-    assert main(["eval", "--graph", "tests.test_eval:nothing"]) == 1
+    assert main(["eval", "--graph", "tests.test_eval:nothing"]) == EXIT_ERROR
     assert "has no callable nothing" in capsys.readouterr().err
-    assert main(["eval", "--graph", "tests.test_eval:_dataset", "--instructions", "x"]) == 1
+    assert main(["eval", "--graph", "tests.test_eval:_dataset", "--instructions", "x"]) == EXIT_ERROR
     assert "takes no `instructions` argument" in capsys.readouterr().err
     not_a_report = tmp_path / "x.json"
     not_a_report.write_text("[1, 2]")
-    assert main(_eval(tmp_path, "--baseline", str(not_a_report))) == 1
+    assert main(_eval(tmp_path, "--baseline", str(not_a_report))) == EXIT_ERROR
     assert "is not an eval report" in capsys.readouterr().err
 
 
@@ -448,7 +448,7 @@ def test_cli_replays_recorded_threads_against_a_new_prompt(
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["dataset"] == "replay:real-1"
     assert report["cases"][0]["turns"][0]["failures"][0].startswith("status failed, expected ok")
-    assert main([*replay[:-2], "--replay", "nobody"]) == 1
+    assert main([*replay[:-2], "--replay", "nobody"]) == EXIT_ERROR
     assert "thread 'nobody' has no finished turns" in capsys.readouterr().err
 
 

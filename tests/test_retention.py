@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from keelgraph import UserError, build_graph, sqlite_checkpointer
-from keelgraph.commands.cli import main
+from keelgraph.commands.cli import EXIT_ERROR, main
 from keelgraph.graphs.retention import checkpoint_time, prune
 from keelgraph.testing import ScriptedChatModel, answer
 from keelgraph.tools import SqliteLedger
@@ -96,7 +96,7 @@ def test_cli(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert f"pruned {data / 'threads.db'}" in out and "(40 left)" in out and "MB ->" in out
     assert f"pruned {data / 'effects.db'}: 1 completed effect records older than 30d" in out
-    assert main(["prune", "--older-than", "soon"]) == 1
+    assert main(["prune", "--older-than", "soon"]) == EXIT_ERROR
     assert "is not like 30d" in capsys.readouterr().err
     assert main(["prune", "--db", str(data / "threads.db"), "--older-than", "1d", "--no-vacuum"]) == 0
 

@@ -9,14 +9,39 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from keelgraph.contracts.errors import KeelgraphError, UserError
 from keelgraph.settings import Settings
 
+EXIT_OK = 0
+EXIT_REGRESSION = 1
+"""`eval`: the run regressed against its baseline (or scored under `--min-correct`)."""
 EXIT_REJECTED = 2
+"""`ask`/`approve`: the request was rejected (`InputRejected`)."""
 EXIT_FAILED = 3
+"""`ask`/`approve`: the turn ended in a typed failure (repairs or a budget spent)."""
 EXIT_WAITING = 4
+"""`ask`/`approve`: the run waits for a person's decision (`keelgraph approve`)."""
+EXIT_NOT_FOUND = 5
+"""`history`: no such thread; `token revoke`: no such token."""
+EXIT_USAGE = 64
+"""The command line itself is wrong (argparse's usage errors; 2 would collide with a rejection)."""
+EXIT_ERROR = 78
+"""keelgraph refused to run: a configuration or developer mistake, or a thread not in the state the
+command needs; the message says what to do."""
+
+EXIT_CODES = {
+    EXIT_OK: "ok",
+    EXIT_REGRESSION: "eval regressed",
+    EXIT_REJECTED: "request rejected",
+    EXIT_FAILED: "typed failure",
+    EXIT_WAITING: "waiting for a person",
+    EXIT_NOT_FOUND: "nothing found",
+    EXIT_USAGE: "usage error",
+    EXIT_ERROR: "configuration or usage mistake reported by keelgraph",
+}
+DEFAULT_GRAPH = "keelgraph.apps.support.desk:make_graph"
 
 
 def _outcome(result: dict[str, Any], thread: str) -> int:
@@ -35,10 +60,13 @@ def _outcome(result: dict[str, Any], thread: str) -> int:
     return {"ok": 0, "rejected": EXIT_REJECTED}.get(str(result.get("status")), EXIT_FAILED)
 
 
-def _ask(args: argparse.Namespace) -> int:
-    from keelgraph.apps.support.desk import make_graph
+def _graph(args: argparse.Namespace) -> Any:
+    """The compiled graph `--graph module:factory` names (default: the support desk)."""
+    return _load_factory(args.graph)()
 
-    graph = make_graph()
+
+def _ask(args: argparse.Namespace) -> int:
+    graph = _graph(args)
     config: Any = {"configurable": {"thread_id": args.thread}}
     return _outcome(graph.invoke({"request": args.request}, config), args.thread)
 
@@ -46,9 +74,7 @@ def _ask(args: argparse.Namespace) -> int:
 def _approve(args: argparse.Namespace) -> int:
     from langgraph.types import Command
 
-    from keelgraph.apps.support.desk import make_graph
-
-    graph = make_graph()
+    graph = _graph(args)
     config: Any = {"configurable": {"thread_id": args.thread}}
     pending = [i.value for i in graph.get_state(config).interrupts]
     if not pending:
@@ -67,10 +93,9 @@ def _approve(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from keelgraph.apps.support.desk import make_graph
     from keelgraph.graphs.history import transcript
 
-    graph = make_graph()
+    graph = _graph(args)
     state = graph.get_state({"configurable": {"thread_id": args.thread}})
     # The whole conversation: what earlier turns moved to the archive, then what the state holds.
     messages = transcript(graph.store, args.thread, state.values.get("messages", []))
@@ -79,13 +104,28 @@ def _history(args: argparse.Namespace) -> int:
             f"no thread {args.thread!r} in {Settings.from_env().data_dir / 'threads.db'}",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_NOT_FOUND
     for message in messages:
+        if args.json:
+            print(json.dumps(_message_json(message), ensure_ascii=False, default=str))
+            continue
         kind = message.additional_kwargs.get("keelgraph", "")
         tool_calls = getattr(message, "tool_calls", None) or []
         calls = f" {[(c['name'], c['args']) for c in tool_calls]}" if tool_calls else ""
         print(f"[{message.type}:{kind}] {str(message.content)[:300]}{calls}")
     return 0
+
+
+def _message_json(message: Any) -> dict[str, Any]:
+    """One kept message as a JSON line of `history --json`."""
+    return {
+        "type": message.type,
+        "kind": message.additional_kwargs.get("keelgraph", ""),
+        "content": message.content,
+        "tool_calls": [
+            {"name": c["name"], "args": c["args"]} for c in getattr(message, "tool_calls", None) or []
+        ],
+    }
 
 
 def _thresholds(pairs: Sequence[str]) -> dict[str, float]:
@@ -247,7 +287,7 @@ def _token(args: argparse.Namespace) -> int:
             raise UserError("name the user or token id: keelgraph token revoke USER|TOKEN_ID")
         count = tokens.revoke(args.user)
         print(f"revoked {count} token(s) from {tokens.path}")
-        return 0 if count else 1
+        return 0 if count else EXIT_NOT_FOUND
     for info in tokens.list():
         perms = ",".join(info.permissions) or "-"
         print(f"{info.user}\t{info.token_id}\t{info.created_at}\t{perms}\t{info.label}")
@@ -285,25 +325,77 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="keelgraph", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run a short scripted session of the order-support assistant")
-    demo.add_argument("--thread", help="thread id (default: a new one)")
-    demo.set_defaults(func=_demo)
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on `EXIT_USAGE`, so they never read as an outcome."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
+    variables = "\n".join(f"  {name}" for name in Settings.variables())
+    return f"exit codes:\n{codes}\n\nenvironment (keelgraph config shows the effective values):\n{variables}"
+
+
+def _config(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    shown = {k: (v if "key" not in k else ("set" if v else None)) for k, v in settings.as_dict().items()}
+    if args.json:
+        print(json.dumps(shown, default=str, indent=2))
+    else:
+        for key, value in shown.items():
+            print(f"{key:<22} {value}")
+    return 0
+
+
+def _add_thread_commands(sub: Any) -> None:
+    """`ask`, `approve` and `history`: commands on one thread of a graph (`--graph`, default the desk)."""
     ask = sub.add_parser("ask", help="send one request to the order-support assistant in a persistent thread")
     ask.add_argument("--thread", required=True, help="thread id; the same id continues the conversation")
     ask.add_argument("request", help='the request as JSON, e.g. \'{"customer_id": 1, "message": "Hi"}\'')
+    ask.add_argument(
+        "--graph", default=DEFAULT_GRAPH, help=f"module:factory of the graph (default {DEFAULT_GRAPH})"
+    )
     ask.set_defaults(func=_ask)
     approve = sub.add_parser("approve", help="decide on the tool call a thread is waiting for (a ticket)")
     approve.add_argument("--thread", required=True)
+    approve.add_argument(
+        "--graph", default=DEFAULT_GRAPH, help="module:factory of the graph (default: the desk)"
+    )
     decide = approve.add_mutually_exclusive_group()
     decide.add_argument("--edit", help="JSON of the arguments to change, then run it")
     decide.add_argument("--reject", metavar="REASON", help="do not run it; the reason goes to the model")
     approve.set_defaults(func=_approve)
     history = sub.add_parser("history", help="print what a thread kept")
     history.add_argument("--thread", required=True)
+    history.add_argument(
+        "--graph", default=DEFAULT_GRAPH, help="module:factory of the graph (default: the desk)"
+    )
+    history.add_argument("--json", action="store_true", help="one JSON object per message")
     history.set_defaults(func=_history)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
+    __version__ = version("keelgraph")
+    parser = _Parser(
+        prog="keelgraph",
+        description=__doc__,
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"keelgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    config = sub.add_parser("config", help="print the effective settings (from KEELGRAPH_* variables)")
+    config.add_argument("--json", action="store_true", help="as one JSON object")
+    config.set_defaults(func=_config)
+    demo = sub.add_parser("demo", help="run a short scripted session of the order-support assistant")
+    demo.add_argument("--thread", help="thread id (default: a new one)")
+    demo.set_defaults(func=_demo)
+    _add_thread_commands(sub)
     ev = sub.add_parser(
         "eval",
         help="run a dataset through a graph, score it, compare with a baseline (exit 1 on a regression)",
@@ -391,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeelgraphError as exc:
         print(f"keelgraph: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     return code
 
 
