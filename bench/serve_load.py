@@ -28,6 +28,7 @@ from typing import Any
 
 from langgraph_sdk import get_client
 
+from keelgraph.apps.support.desk import link_user, seed_database
 from keelgraph.serving.auth import TokenFile
 from keelgraph.serving.serve import DevServer, write_config
 
@@ -71,7 +72,7 @@ class Result:
 def _request(graph: str, client: int, i: int) -> dict[str, Any]:
     text = f"client {client} question {i}: any news?"
     if graph == "support":
-        return {"request": {"customer_id": client % 4 + 1, "message": text}}
+        return {"request": {"message": text}}  # the customer is the signed-in user's (link_user)
     return {"messages": [{"role": "user", "content": text}]}
 
 
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             "KEELGRAPH_AUTH_TOKENS": str(token_file.path),
             "KEELGRAPH_DATABASE_URL": "",
         }
+        shop = seed_database(folder / "data" / "shop.db")
+        for n in range(args.clients):  # each client's user acts as one of the shop's four customers
+            link_user(shop, f"user{n}", n % 4 + 1)
         config = write_config(folder, ROOT / "langgraph.json", graphs=GRAPHS)
         print(
             f"langgraph dev, {args.clients} clients x {args.runs} runs, {args.jobs} jobs at once", flush=True

@@ -16,6 +16,7 @@ from langchain_core.tools import BaseTool
 
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
+from keelgraph.graphs.identity import with_identity
 from keelgraph.graphs.model_call import allowed_tools, without_reply
 from keelgraph.graphs.prompt import current_turn, kind_of
 from keelgraph.graphs.spec import AgentSpec
@@ -88,7 +89,7 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
         rnd.answer_only = True
         return
     tool = spec.tools[name]
-    args = gate.final_args(tool, args, rnd.facts.request)
+    args = gate.final_args(tool, args, rnd.facts.request, rnd.facts.identity)
     decision = rnd.facts.decisions.get(call_id)
     if decision is not None and decision["action"] == "reject":
         rejection, again = str(decision["reason"]), bool(decision.get("again"))
@@ -197,7 +198,7 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     assert isinstance(last, AIMessage)
     rnd = _Round(
         state=state,
-        facts=turn_facts(state),
+        facts=with_identity(turn_facts(state)),
         stats={**zero_stats(), **state.get("stats", {})},
         attempts=list(state.get("attempts", [])),
         tool_log=list(state.get("tool_log", [])),

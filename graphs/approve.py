@@ -7,12 +7,20 @@ from typing import Any
 from langchain_core.messages import AIMessage
 from langgraph.types import interrupt
 
+from keelgraph.graphs.identity import current_identity, with_identity
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import State
 from keelgraph.graphs.turn import turn_facts, with_history
 from keelgraph.tools.effects import done_before
 from keelgraph.tools.execution import needs_approval
-from keelgraph.tools.gate import APPROVAL_HOW, call_key, final_args, needs_person, read_decisions
+from keelgraph.tools.gate import (
+    APPROVAL_HOW,
+    bind_identity,
+    call_key,
+    final_args,
+    needs_person,
+    read_decisions,
+)
 
 __all__ = ["approve", "awaiting_approval"]
 
@@ -20,13 +28,13 @@ __all__ = ["approve", "awaiting_approval"]
 def awaiting_approval(state: State, spec: AgentSpec, step: AIMessage) -> list[dict[str, Any]]:
     """The calls of `step` that a person must approve, with their final arguments (see
     `keelgraph.tools.gate.needs_person`). `state` is the turn with its history."""
-    facts = turn_facts(state)
+    facts = with_identity(turn_facts(state))
     waiting = []
     for call in step.tool_calls:
         tool = spec.tools.get(call["name"])
         if tool is None:
             continue
-        args = final_args(tool, call["args"], facts.request)
+        args = final_args(tool, call["args"], facts.request, facts.identity)
         if not needs_approval(tool, args, facts.guard()):
             continue
         done = done_before(tool, args, facts, spec.ledger_for(tool))
@@ -57,13 +65,18 @@ def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         else:
             asked.append(call)
     problem = None
+    decided: dict[str, dict[str, Any]] = {}
     while asked:  # each pass is one interrupt; a resume value that cannot be read is asked again
         value = interrupt({"type": "approval", "calls": asked, "problem": problem, "how": APPROVAL_HOW})
         try:
-            decisions.update(read_decisions(value, asked))
+            decided = read_decisions(value, asked)
             break
         except ValueError as exc:
             problem = str(exc)
+    identity = current_identity()
+    for decision in decided.values():  # an edit cannot move an argument bound to the signed-in user
+        decision["args"] = {**decision["args"], **bind_identity(spec.tools[decision["name"]], identity)}
+    decisions.update(decided)
     edited = {cid: d["args"] for cid, d in decisions.items() if d["action"] == "edit"}
     update: dict[str, Any] = {
         "approvals": {**state.get("approvals", {}), **decisions},

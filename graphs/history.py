@@ -43,6 +43,7 @@ from langchain_core.messages import (
 from langgraph.store.base import BaseStore, GetOp, Item, PutOp
 
 from keelgraph.graphs.prompt import kind_of
+from keelgraph.tools.identity import INTERNAL_ROOT, namespace_label
 
 __all__ = [
     "ARCHIVE",
@@ -66,8 +67,14 @@ SHOWN = frozenset({"request", "answer"})
 
 
 def archive_namespace(thread_id: str) -> tuple[str, ...]:
-    """Where a thread's archived turns live in the store."""
-    return ("keelgraph", ARCHIVE, thread_id)
+    """Where a thread's archived turns live in the store: under keelgraph's reserved root, which no
+    user's own namespaces can reach (see `keelgraph.tools.identity.RESERVED_ROOTS`); the server's
+    thread ownership decides who reads a thread, so its archive is read only by its graph.
+
+    >>> archive_namespace("t-1")
+    ('keelgraph', 'archive', 't-1')
+    """
+    return (INTERNAL_ROOT, ARCHIVE, namespace_label(thread_id))
 
 
 def _key(number: int) -> str:

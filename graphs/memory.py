@@ -45,6 +45,7 @@ from keelgraph.local.embeddings import (
     vector_connect,
     vector_connector,
 )
+from keelgraph.tools.identity import INTERNAL_ROOT, namespace_label
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,7 +78,9 @@ _DUPLICATE = 0.85
 
 
 def memory_namespace(user: str | int) -> tuple[str, ...]:
-    """Where one user's memories live in the store.
+    """Where one user's memories live in the store: under keelgraph's reserved root, which no
+    user's own namespaces can reach (see `keelgraph.tools.identity.RESERVED_ROOTS`), one label per
+    user (periods encoded: store labels cannot hold them).
 
     >>> memory_namespace(42)
     ('keelgraph', 'memory', '42')
@@ -85,7 +88,7 @@ def memory_namespace(user: str | int) -> tuple[str, ...]:
     text = str(user).strip()
     if not text:
         raise UserError("a memory needs a user: pass a non-empty user id")
-    return ("keelgraph", "memory", text)
+    return (INTERNAL_ROOT, "memory", namespace_label(text))
 
 
 @dataclass(frozen=True)

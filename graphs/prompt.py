@@ -19,6 +19,7 @@ from langchain_core.tools import BaseTool
 
 from keelgraph.contracts.decision import ANSWER, Strategy, inline_refs
 from keelgraph.tools.arguments import args_schema
+from keelgraph.tools.execution import policy_of
 
 Kind = Literal["request", "rejected", "candidate", "answer", "repair", "step", "preload"]
 KIND_KEY = "keelgraph"
@@ -38,8 +39,15 @@ def tagged(message: AnyMessage, kind: Kind) -> AnyMessage:
 
 def tool_args_schema(tool: BaseTool) -> dict[str, Any]:
     """The tool's arguments as the model is shown them (see `keelgraph.tools.arguments.args_schema`:
-    the same schema whatever form the tool declares, a JSON-Schema dict included)."""
-    return args_schema(tool)
+    the same schema whatever form the tool declares, a JSON-Schema dict included), without those
+    bound to the signed-in user (`from_identity`): the model is never asked who is acting."""
+    schema = args_schema(tool)
+    bound = set(policy_of(tool).from_identity)
+    if not bound:
+        return schema
+    shown = {k: v for k, v in schema.get("properties", {}).items() if k not in bound}
+    required = [k for k in schema.get("required", []) if k not in bound]
+    return {**schema, "properties": shown, "required": required}
 
 
 def _type_of(schema: Mapping[str, Any]) -> str:

@@ -14,7 +14,7 @@ from keelgraph.apps.support import desk as support
 from keelgraph.commands.cli import EXIT_ERROR, EXIT_WAITING, main
 from keelgraph.testing import ScriptedChatModel, answer, call
 
-ASK = '{"customer_id": 1, "message": "My keyboard from order 1002 arrived damaged"}'
+ASK = '{"message": "My keyboard from order 1002 arrived damaged"}'
 
 
 @pytest.fixture

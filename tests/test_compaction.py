@@ -223,9 +223,9 @@ def test_tool_guards_see_the_last_answer_read_back_from_the_archive(tmp_path: Pa
         make_contract(path), make_tools(path), model=model, checkpointer=InMemorySaver(),
         store=InMemoryStore(), effects=None,
     )  # fmt: skip
-    config: Any = {"configurable": {"thread_id": "s"}}
-    g.invoke({"request": {"customer_id": 1, "message": "Where is order 1002?"}}, config)
-    paused = g.invoke({"request": {"customer_id": 1, "message": "It arrived damaged, open a ticket"}}, config)
+    config: Any = {"configurable": {"thread_id": "s", "keelgraph_user": "ada"}}
+    g.invoke({"request": {"message": "Where is order 1002?"}}, config)
+    paused = g.invoke({"request": {"message": "It arrived damaged, open a ticket"}}, config)
     held = [str(m.content) for m in g.get_state(config).values["messages"]]
     assert not any("Where is order 1002?" in text for text in held)  # the first turn left the state
     [ask] = paused["__interrupt__"]

@@ -268,13 +268,17 @@ def test_the_desk_remembers_a_preference_in_one_thread_and_uses_it_in_another(tm
             checkpointer=sqlite_checkpointer(tmp_path / "threads.db"),
             memory=kept,
         )
-        stated = {"customer_id": 1, "message": "Please always contact me by email, not phone."}
-        first = graph.invoke({"request": stated}, {"configurable": {"thread_id": "thread-a"}})
+        stated = {"message": "Please always contact me by email, not phone."}
+        first = graph.invoke(
+            {"request": stated}, {"configurable": {"thread_id": "thread-a", "keelgraph_user": "ada"}}
+        )
         assert first["status"] == "ok"
         # What was persisted: the preference, under the customer, in the store.
         assert [m.text for m in memories(kept, 1)] == ["Please always contact me by email, not phone."]
-        asked = {"customer_id": 1, "message": "How will you let me know when order 1002 arrives?"}
-        second = graph.invoke({"request": asked}, {"configurable": {"thread_id": "thread-b"}})
+        asked = {"message": "How will you let me know when order 1002 arrives?"}
+        second = graph.invoke(
+            {"request": asked}, {"configurable": {"thread_id": "thread-b", "keelgraph_user": "ada"}}
+        )
         assert second["status"] == "ok"
         prompt = _prompt(model, 1)
         assert "The customer asked us earlier to remember" in prompt
@@ -283,10 +287,12 @@ def test_the_desk_remembers_a_preference_in_one_thread_and_uses_it_in_another(tm
         assert stated["message"] not in str(thread_b[0].content)  # thread B never saw thread A's turn
         assert "open_ticket" not in str(model.calls[1]["kwargs"])
         assert "customer_memory" not in str(model.calls[1]["kwargs"])  # never offered to the model
-        # Another customer's thread is not shown it.
-        other: Any = {"customer_id": 2, "message": "How will you contact me?"}
+        # Another customer's thread is not shown it (alan is customer 2).
+        other: Any = {"message": "How will you contact me?"}
         model.script.append(answer(reply="We will reach you through your account."))
-        graph.invoke({"request": other}, {"configurable": {"thread_id": "thread-c"}})
+        graph.invoke(
+            {"request": other}, {"configurable": {"thread_id": "thread-c", "keelgraph_user": "alan"}}
+        )
         assert "contact me by email" not in _prompt(model, 2)
         assert "Nothing remembered about this customer" in _prompt(model, 2)
 

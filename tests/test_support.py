@@ -24,14 +24,14 @@ def graph(tmp: Path, script: list[Any]) -> tuple[Any, ScriptedChatModel]:
     ), model
 
 
-CFG: Any = {"configurable": {"thread_id": "s"}}
+CFG: Any = {"configurable": {"thread_id": "s", "keelgraph_user": "ada"}}  # ada is customer 1
 
 
 def test_orders_are_preloaded_and_facts_are_cross_checked(tmp_path: Path) -> None:
     wrong = answer(reply="Order 1002 was delivered.", order_ids=[1002])
     right = answer(reply="Order 1002 has shipped.", order_ids=[1002])
     g, model = graph(tmp_path, [wrong, right])
-    result = g.invoke({"request": {"customer_id": 1, "message": "Where is order 1002?"}}, CFG)
+    result = g.invoke({"request": {"message": "Where is order 1002?"}}, CFG)
     assert result["status"] == "ok" and result["output"]["order_ids"] == [1002]
     first_prompt = "\n".join(str(m.content) for m in model.calls[0]["messages"])
     assert (
@@ -46,7 +46,7 @@ def test_foreign_and_unknown_orders_are_rejected(tmp_path: Path) -> None:
         answer(reply="Your orders.", order_ids=[1001]),
     ]
     g, model = graph(tmp_path, script)
-    result = g.invoke({"request": {"customer_id": 1, "message": "my orders?"}}, CFG)
+    result = g.invoke({"request": {"message": "my orders?"}}, CFG)
     assert result["status"] == "ok"
     correction = model.calls[1]["messages"][-1].content
     assert (
@@ -56,7 +56,7 @@ def test_foreign_and_unknown_orders_are_rejected(tmp_path: Path) -> None:
 
 def test_ticket_tool_is_offered_only_for_reported_problems(tmp_path: Path) -> None:
     g, model = graph(tmp_path, [answer(reply="Hello!")])
-    g.invoke({"request": {"customer_id": 1, "message": "hello there"}}, CFG)
+    g.invoke({"request": {"message": "hello there"}}, CFG)
     assert "open_ticket" not in str(model.calls[0]["kwargs"])
     assert reports_problem({"message": "My keyboard arrived damaged"})
     assert not reports_problem({"message": "Where is my keyboard?"})
@@ -68,7 +68,7 @@ def test_ticket_is_opened_once_for_the_right_customer(tmp_path: Path) -> None:
         answer(reply="I opened a ticket for order 1002.", order_ids=[1002]),
     ]
     g, _ = graph(tmp_path, script)
-    paused = g.invoke({"request": {"customer_id": 1, "message": "Order 1002 arrived damaged"}}, CFG)
+    paused = g.invoke({"request": {"message": "Order 1002 arrived damaged"}}, CFG)
     [ask] = paused["__interrupt__"]  # a ticket waits for a person
     assert ask.value["calls"][0]["args"] == {
         "customer_id": 1,
@@ -77,12 +77,12 @@ def test_ticket_is_opened_once_for_the_right_customer(tmp_path: Path) -> None:
         "note": "arrived damaged",
     }
     result = g.invoke(Command(resume="approve"), CFG)
-    # customer_id comes from the request, not from the model; action and ticket id from the tool
+    # customer_id comes from the signed-in user, not from the model; action and ticket id from the tool
     assert result["output"]["action"] == "ticket_opened" and result["output"]["ticket_id"] == 1
     g2, _ = graph(tmp_path, script)
     again = g2.invoke(
-        {"request": {"customer_id": 1, "message": "Order 1002 arrived damaged"}},
-        {"configurable": {"thread_id": "x"}},
+        {"request": {"message": "Order 1002 arrived damaged"}},
+        {"configurable": {"thread_id": "x", "keelgraph_user": "ada"}},
     )
     # Another thread asks for the same ticket: the ledger replays it, so no one is asked again.
     assert "__interrupt__" not in again and again["output"]["ticket_id"] == 1
@@ -98,7 +98,7 @@ def test_claiming_a_ticket_that_was_not_opened_is_caught(tmp_path: Path) -> None
         answer(reply="Please tell me which order."),
     ]
     g, model = graph(tmp_path, script)
-    result = g.invoke({"request": {"customer_id": 1, "message": "It is broken"}}, CFG)
+    result = g.invoke({"request": {"message": "It is broken"}}, CFG)
     assert result["status"] == "ok"
     assert "none was" in model.calls[1]["messages"][-1].content
 
@@ -119,8 +119,8 @@ SCRIPT = textwrap.dedent(
     tmp = Path(sys.argv[1])
     model = ScriptedChatModel([answer(reply="Turn " + sys.argv[2])])
     graph = make_graph(tmp / "shop.db", model=model, checkpointer=sqlite_checkpointer(tmp / "threads.db"))
-    graph.invoke({"request": {"customer_id": 1, "message": "message " + sys.argv[2]}},
-                 {"configurable": {"thread_id": "across"}})
+    graph.invoke({"request": {"message": "message " + sys.argv[2]}},
+                 {"configurable": {"thread_id": "across", "keelgraph_user": "ada"}})
     print(sum("Turn 1" in str(m.content) for m in model.calls[0]["messages"]))
     """
 )
@@ -148,14 +148,15 @@ def test_ticket_for_an_order_the_conversation_is_not_about_is_refused(tmp_path: 
         answer(reply="Ticket opened for order 1002.", order_ids=[1002]),
     ]
     g, model = graph(tmp_path, script)
-    g.invoke({"request": {"customer_id": 1, "message": "Where is order 1002?"}}, CFG)
-    paused = g.invoke({"request": {"customer_id": 1, "message": "It arrived damaged, open a ticket"}}, CFG)
+    g.invoke({"request": {"message": "Where is order 1002?"}}, CFG)
+    paused = g.invoke({"request": {"message": "It arrived damaged, open a ticket"}}, CFG)
     [ask] = paused["__interrupt__"]
     assert [c["args"]["order_id"] for c in ask.value["calls"]] == [1002]  # 1001 is refused, not asked
     result = g.invoke(Command(resume="approve"), CFG)
     assert result["output"]["ticket_id"] == 1 and result["output"]["order_ids"] == [1002]
     refused = model.calls[2]["messages"][-1].content
     assert "NOT RUN: order_id=1001 is not allowed here; use one of [1002]" in refused
-    assert "open_ticket(customer_id: integer, order_id: 1002, kind:" in model.calls[1]["messages"][0].content
+    # The model is shown the ticket's arguments without customer_id: it is bound to the signed-in user.
+    assert "open_ticket(order_id: 1002, kind:" in model.calls[1]["messages"][0].content
     rows = sqlite3.connect(tmp_path / "shop.db").execute("SELECT order_id FROM tickets").fetchall()
     assert rows == [(1002,)]

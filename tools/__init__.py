@@ -18,6 +18,7 @@ from keelgraph.tools.execution import (
     with_policy,
 )
 from keelgraph.tools.http import http_tool
+from keelgraph.tools.identity import Identity, IdentityRequired
 from keelgraph.tools.ledger import EffectLedger, MemoryLedger, SqliteLedger, effect_key
 from keelgraph.tools.sql import sql_tools
 from keelgraph.tools.workflow import WorkflowRunner, workflow_tools
@@ -26,6 +27,8 @@ __all__ = [
     "CallOutcome",
     "EffectLedger",
     "GuardContext",
+    "Identity",
+    "IdentityRequired",
     "MemoryLedger",
     "SideEffect",
     "SqliteLedger",

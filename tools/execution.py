@@ -16,9 +16,10 @@ from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel
 
 from keelgraph.contracts.boundary import ROOT, Limits, safe_value
-from keelgraph.contracts.errors import Problem
+from keelgraph.contracts.errors import Problem, UserError
 from keelgraph.tools.arguments import validate_args
 from keelgraph.tools.errors import short_reason
+from keelgraph.tools.identity import Identity
 from keelgraph.tools.ledger import running_with_key
 from keelgraph.tools.pool import PoolFull, ToolPool, bounds
 from keelgraph.tools.retry import Backoff, retry_after
@@ -26,6 +27,7 @@ from keelgraph.tools.retry import Backoff, retry_after
 __all__ = [
     "Approval",
     "CallOutcome",
+    "IdentityBinding",
     "SideEffect",
     "ToolPolicy",
     "fence",
@@ -51,7 +53,12 @@ class GuardContext:
     """The thread's earlier validated answers, oldest first."""
     tool_results: Sequence[Mapping[str, Any]]
     """This turn's successful tool calls so far."""
+    identity: Identity | None = None
+    """The run's signed-in user (see `keelgraph.tools.identity`), or None."""
 
+
+IdentityBinding = Callable[[Identity], Any]
+"""Maps the signed-in user to an argument's value (None, or a `LookupError`: the user has none)."""
 
 Approval = Literal["never", "always"] | Callable[[Mapping[str, Any], GuardContext], bool]
 """When a person must approve a call: never, always, or when a predicate on (args, context) holds."""
@@ -102,6 +109,11 @@ class ToolPolicy:
     from_input: tuple[str, ...] = ()
     """Arguments always taken from the validated request (e.g. `customer_id`), whatever the
     model wrote: the model cannot act for another customer."""
+    from_identity: Mapping[str, IdentityBinding] = field(default_factory=dict, hash=False)
+    """Arguments that name the acting principal, each bound to the run's signed-in user by a
+    function (`{"customer_id": customer_of}`): set from the identity whatever the request or the
+    model sent (the model is not shown them), refused with `IdentityRequired` when the run has no
+    identity or the function gives none. See `keelgraph.tools.identity`."""
     from_user: tuple[str, ...] = ()
     """Arguments whose values must be written by the user in this thread (a recipient, an
     account, an amount): a value that appears only in a tool result is refused, so an instruction
@@ -136,9 +148,27 @@ def with_policy(tool: BaseTool, **policy: Any) -> BaseTool:
     2
     """
     base = policy_of(tool)
+    made = replace(base, **policy)
+    _check_bindings(tool.name, made)
     copy = tool.model_copy()
-    copy.metadata = {**(tool.metadata or {}), _POLICY_KEY: replace(base, **policy)}
+    copy.metadata = {**(tool.metadata or {}), _POLICY_KEY: made}
     return copy
+
+
+def _check_bindings(name: str, policy: ToolPolicy) -> None:
+    """An argument comes from one place: the identity, the request or the user's words."""
+    bound = policy.from_identity
+    if not isinstance(bound, Mapping) or not all(callable(f) for f in bound.values()):
+        raise UserError(
+            f"{name}: from_identity maps argument names to functions of the signed-in user, "
+            'e.g. {"customer_id": customer_of}'
+        )
+    both = sorted(set(bound) & (set(policy.from_input) | set(policy.from_user)))
+    if both:
+        raise UserError(
+            f"{name}: {', '.join(both)} cannot be bound to the identity and also taken from the "
+            "request or the user's words; keep it in from_identity only"
+        )
 
 
 def policy_of(tool: BaseTool) -> ToolPolicy:

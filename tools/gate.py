@@ -18,11 +18,13 @@ from keelgraph.contracts.boundary import Limits, check_value
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
 from keelgraph.tools.execution import GuardContext, allowed_values, needs_approval, policy_of, validate_args
+from keelgraph.tools.identity import Identity, no_identity, not_mapped
 
 __all__ = [
     "APPROVAL_HOW",
     "DECISIONS",
     "TurnFacts",
+    "bind_identity",
     "call_key",
     "final_args",
     "needs_person",
@@ -80,10 +82,13 @@ class TurnFacts:
     """The thread's id ("" outside a checkpointed run)."""
     turn_id: str = ""
     """The id of this turn's request: stable across a resume of the same turn."""
+    identity: Identity | None = None
+    """The run's signed-in user (see `keelgraph.tools.identity`): what `from_identity` arguments
+    are bound to. None: the run has none, and a tool with such arguments is refused."""
 
     def guard(self) -> GuardContext:
         """The view a tool's guard, choices and approval predicate get."""
-        return GuardContext(self.request, self.earlier_answers, self.tool_log)
+        return GuardContext(self.request, self.earlier_answers, self.tool_log, self.identity)
 
     def with_log(self, tool_log: Sequence[Mapping[str, Any]]) -> TurnFacts:
         """The same facts with calls run since they were read."""
@@ -95,9 +100,36 @@ def call_key(name: str, args: Mapping[str, Any]) -> str:
     return f"{name}:{json.dumps(args, sort_keys=True, default=str)}"
 
 
-def final_args(tool: BaseTool, args: Mapping[str, Any], request: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments the call runs with: the model's, with `from_input` ones taken from the request."""
-    return {**args, **{k: request[k] for k in policy_of(tool).from_input if k in request}}
+def bind_identity(tool: BaseTool, identity: Identity | None) -> dict[str, Any]:
+    """The tool's `from_identity` arguments, each set from `identity` by its policy's function.
+
+    Raises `IdentityRequired` (nothing runs) when the tool has such arguments and there is no
+    identity, or the function gives no value for it (None, or a `LookupError`).
+    """
+    bound = policy_of(tool).from_identity
+    if not bound:
+        return {}
+    if identity is None:
+        raise no_identity(tool.name, sorted(bound))
+    values = {}
+    for arg, of in bound.items():
+        try:
+            value = of(identity)
+        except LookupError as exc:
+            raise not_mapped(tool.name, arg, identity, str(exc)) from None
+        if value is None:
+            raise not_mapped(tool.name, arg, identity)
+        values[arg] = value
+    return values
+
+
+def final_args(
+    tool: BaseTool, args: Mapping[str, Any], request: Mapping[str, Any], identity: Identity | None = None
+) -> dict[str, Any]:
+    """The arguments the call runs with: the model's, with `from_input` ones taken from the request
+    and `from_identity` ones from the signed-in user (overriding both; see `bind_identity`)."""
+    taken = {k: request[k] for k in policy_of(tool).from_input if k in request}
+    return {**args, **taken, **bind_identity(tool, identity)}
 
 
 def unknown_tool(name: str, names: Sequence[str]) -> Problem:

@@ -8,14 +8,18 @@ import uuid
 from typing import Any
 
 from keelgraph.settings import Settings
+from keelgraph.tools.identity import IDENTITY_KEY
 
+DEMO_USER = "ada"
+"""Who the demo signs in as (customer 1, see `keelgraph.apps.support.desk.DEMO_USERS`)."""
 SCRIPT: list[tuple[str, Any]] = [
-    ("ask about an order", {"customer_id": 1, "message": "Where is my order 1002?"}),
+    ("ask about an order", {"message": "Where is my order 1002?"}),
     (
         "follow-up that needs memory and a tool",
-        {"customer_id": 1, "message": "It arrived damaged, please open a ticket for it."},
+        {"message": "It arrived damaged, please open a ticket for it."},
     ),
-    ("a bad request", {"customer_id": "abc", "message": ""}),
+    # Who the customer is comes from the sign-in, never from the request: naming one is refused.
+    ("a bad request", {"customer_id": 2, "message": ""}),
 ]
 _TOTALS = (
     "model_calls",
@@ -56,10 +60,11 @@ def run_demo(thread_id: str | None = None) -> int:
     where = "embedded llama.cpp server" if settings.embedded else settings.base_url
     print(f"keelgraph demo: order-support assistant, model {settings.model} ({where})")
     print(f"data directory: {settings.data_dir}")
+    print(f"signed in as  : {DEMO_USER} (the desk acts for this user's customer)")
     default_model()  # start (or reuse) the model server before the clock of the first turn runs
     graph = make_graph()
     thread = thread_id or f"demo-{uuid.uuid4().hex[:8]}"
-    config: Any = {"configurable": {"thread_id": thread}}
+    config: Any = {"configurable": {"thread_id": thread, IDENTITY_KEY: DEMO_USER}}
     totals = dict.fromkeys(_TOTALS, 0.0)
     outcomes = []
     for title, request in SCRIPT:
@@ -93,6 +98,6 @@ def run_demo(thread_id: str | None = None) -> int:
     print(f"tokens      : {int(totals['input_tokens'])} in, {int(totals['output_tokens'])} out")
     print(f"seconds     : {totals['seconds']:.1f} in turns, {wall:.1f} wall (model start included)")
     print(f"thread      : {thread} ({kept} messages kept in {settings.data_dir / 'threads.db'})")
-    print(f'continue it : keelgraph ask --thread {thread} \'{{"customer_id": 1, "message": "Thanks!"}}\'')
+    print(f'continue it : keelgraph ask --user {DEMO_USER} --thread {thread} \'{{"message": "Thanks!"}}\'')
     defined = all(o in {"ok", "rejected", "failed"} for o in outcomes)
     return 0 if defined and outcomes[-1] == "rejected" else 1

@@ -25,11 +25,16 @@ from keelgraph.graphs.memory import recall, remember
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.runtime.models import ModelSource
 from keelgraph.tools.execution import Approval, GuardContext, with_policy
+from keelgraph.tools.identity import Identity
 from keelgraph.tools.ledger import EffectLedger
 
 __all__ = [
+    "DEMO_USERS",
+    "CustomerOf",
     "SupportReply",
     "SupportRequest",
+    "customer_lookup",
+    "link_user",
     "make_contract",
     "make_graph",
     "make_tools",
@@ -41,11 +46,12 @@ Message = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, 
 
 
 class SupportRequest(BaseModel):
-    """One customer message to the support desk."""
+    """One customer message to the support desk. It does not say who the customer is: the desk
+    acts for the signed-in user's customer (`customer_lookup`), and a request that names a
+    `customer_id` is rejected."""
 
     model_config = ConfigDict(extra="forbid")
 
-    customer_id: int = Field(ge=1, description="The signed-in customer's id")
     message: Message = Field(description="What the customer wrote (1-2000 characters)")
 
 
@@ -71,7 +77,7 @@ class SupportReply(BaseModel):
 
 
 INSTRUCTIONS = """You are the order-support assistant of an online shop. You help one customer with
-their orders. The request is JSON: customer_id (the customer) and message (what they wrote).
+their orders. The request is JSON: message (what the signed-in customer wrote).
 - The customer's orders (status, items, total) are listed for you at the start of each turn.
 - When the customer reports a problem with an order (damaged, missing, wants a refund), call open_ticket.
 - Answer the customer's question directly with facts from the tool results: order id, status, items.
@@ -86,6 +92,9 @@ _CUSTOMERS = [
     (3, "Grace Hopper", "grace@example.com"),
     (4, "Edsger Dijkstra", "edsger@example.com"),
 ]
+DEMO_USERS = (("ada", 1), ("alan", 2), ("grace", 3), ("edsger", 4))
+"""The demo's signed-in users and their customers, seeded into `customer_users` (the demo, the CLI
+and the evals act as them: `config={"configurable": {"keelgraph_user": "ada"}}`)."""
 _ORDERS = [
     (1001, 1, "delivered", 2499, "2026-10-02", "USB-C cable x2"),
     (1002, 1, "shipped", 5990, "2026-11-18", "Mechanical keyboard"),
@@ -156,10 +165,46 @@ def _seed(conn: sqlite3.Connection) -> None:
             customer_id INTEGER NOT NULL REFERENCES customers(id),
             kind TEXT NOT NULL, note TEXT NOT NULL, created_at TEXT NOT NULL,
             UNIQUE (order_id, kind));
+        CREATE TABLE IF NOT EXISTS customer_users (
+            user TEXT PRIMARY KEY, customer_id INTEGER NOT NULL REFERENCES customers(id));
         """
     )
     conn.executemany("INSERT OR IGNORE INTO customers VALUES (?, ?, ?)", _CUSTOMERS)
     conn.executemany("INSERT OR IGNORE INTO orders VALUES (?, ?, ?, ?, ?, ?)", _ORDERS)
+    conn.executemany("INSERT OR IGNORE INTO customer_users VALUES (?, ?)", DEMO_USERS)
+
+
+def link_user(db_path: Path, user: str, customer_id: int) -> None:
+    """Let the signed-in `user` act as customer `customer_id` (the shop's `customer_users` table).
+
+    A deployment maps its users to customers here (or passes its own `customer_of` to
+    `make_graph`, e.g. one reading a claim its identity provider puts in the token).
+    """
+    with _db(db_path) as conn:
+        if conn.execute("SELECT 1 FROM customers WHERE id = ?", (customer_id,)).fetchone() is None:
+            raise ValueError(f"there is no customer {customer_id}")
+        conn.execute("INSERT OR REPLACE INTO customer_users VALUES (?, ?)", (user, customer_id))
+
+
+CustomerOf = Callable[[Identity], int | None]
+"""Who the signed-in user is in the shop: their customer id, or None (they may not use the desk)."""
+
+
+def customer_lookup(db_path: Path) -> CustomerOf:
+    """The desk's default `CustomerOf`: a `customer_id` claim from the identity provider when the
+    token has one, else the user's row in the shop's `customer_users` table (`link_user`)."""
+
+    def customer_of(identity: Identity) -> int | None:
+        claim = identity.claims.get("customer_id")
+        if isinstance(claim, int) and not isinstance(claim, bool) and claim >= 1:
+            return claim
+        with _db(db_path) as conn:
+            row = conn.execute(
+                "SELECT customer_id FROM customer_users WHERE user = ?", (identity.subject,)
+            ).fetchone()
+        return None if row is None else int(row["customer_id"])
+
+    return customer_of
 
 
 class ListOrdersArgs(BaseModel):
@@ -275,7 +320,7 @@ MemorySource = BaseStore | Callable[[], BaseStore]
 """The store of the customers' memories, or a function that opens it at first use."""
 
 
-def _memory_tool(memory: MemorySource) -> BaseTool:
+def _memory_tool(memory: MemorySource, customer_of: CustomerOf) -> BaseTool:
     opened: list[BaseStore] = []
     lock = threading.Lock()
 
@@ -304,7 +349,8 @@ def _memory_tool(memory: MemorySource) -> BaseTool:
         side_effect="write",
         idempotent=True,
         timeout_s=30,  # the first call of a process loads the embedding model
-        from_input=("customer_id", "message"),
+        from_input=("message",),
+        from_identity={"customer_id": customer_of},
         preload=True,
         offer_when=lambda request: False,
         present=present_memories,
@@ -312,10 +358,19 @@ def _memory_tool(memory: MemorySource) -> BaseTool:
 
 
 def make_tools(
-    db_path: Path, *, ticket_approval: Approval = "always", memory: MemorySource | None = None
+    db_path: Path,
+    *,
+    ticket_approval: Approval = "always",
+    memory: MemorySource | None = None,
+    customer_of: CustomerOf | None = None,
 ) -> list[BaseTool]:
     """The desk's tools over the database at `db_path`: one read tool and one write tool, and with
     a `memory` store the customers' long-term memory (`customer_memory`, preloaded every turn).
+
+    Every tool acts for the signed-in user's customer: `customer_id` is bound to the run's identity
+    by `customer_of` (default `customer_lookup(db_path)`), never taken from the request or the
+    model, which is not even shown it. A run without an identity, or with a user who is no
+    customer, is refused (`keelgraph.tools.identity.IdentityRequired`) before any tool runs.
 
     Opening a ticket needs a person's approval (`ticket_approval`) and happens once per order and
     kind: the shop keeps one ticket per order and kind, and the effect ledger replays the first.
@@ -323,6 +378,8 @@ def make_tools(
     customer in `memory`, and every later turn, in any thread, is shown the customer's memories
     nearest in meaning to its message (`keelgraph.graphs.memory.recall`).
     """
+
+    acting = customer_of or customer_lookup(db_path)
 
     def list_orders(customer_id: int) -> dict[str, Any]:
         with _db(db_path) as conn:
@@ -386,7 +443,7 @@ def make_tools(
             lister,
             side_effect="read",
             timeout_s=5,
-            from_input=("customer_id",),
+            from_identity={"customer_id": acting},
             preload=True,
             present=present_orders,
         ),
@@ -394,7 +451,7 @@ def make_tools(
             opener,
             side_effect="write",
             timeout_s=5,
-            from_input=("customer_id",),
+            from_identity={"customer_id": acting},
             offer_when=reports_problem,
             choices=orders_in_conversation,
             approval=ticket_approval,
@@ -404,11 +461,20 @@ def make_tools(
     ]
     # The memories first: the orders, what most answers are about, stay nearest the model's turn
     # (with the memories last, the 0.5B model echoed "Nothing remembered..." as its reply).
-    return [_memory_tool(memory), *tools] if memory is not None else tools
+    return [_memory_tool(memory, acting), *tools] if memory is not None else tools
+
+
+def acting_customer(ctx: CheckContext[SupportRequest]) -> int | None:
+    """The customer this turn acts for: the one whose orders `list_orders` (bound to the signed-in
+    user, preloaded every turn) listed."""
+    for result in ctx.tool_results:
+        if result["name"] == "list_orders":
+            return int(result["output"]["customer_id"])
+    return None
 
 
 def orders_exist(db_path: Path, reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:
-    """Check: every order the answer names exists and belongs to the asking customer."""
+    """Check: every order the answer names exists and belongs to the signed-in customer."""
     if not reply.order_ids:
         return []
     with _db(db_path) as conn:
@@ -419,7 +485,7 @@ def orders_exist(db_path: Path, reply: SupportReply, ctx: CheckContext[SupportRe
     for order_id in reply.order_ids:
         if order_id not in owners:
             problems.append(f"order {order_id} does not exist; list only ids from list_orders")
-        elif owners[order_id] != ctx.input.customer_id:
+        elif owners[order_id] != acting_customer(ctx):
             problems.append(f"order {order_id} belongs to another customer; never mention it")
     return problems
 
@@ -610,8 +676,15 @@ def make_graph(
     effects: EffectLedger | Literal["default"] | None = "default",
     instructions: str | None = None,
     memory: BaseStore | Literal["default"] | None = "default",
+    customer_of: CustomerOf | None = None,
 ) -> CompiledStateGraph[State, Context, InputState, OutputState]:
     """The order-support graph over the shop database (seeded on first use).
+
+    It acts for the signed-in user's customer: `customer_of` maps the run's identity to a customer
+    id (default `customer_lookup`: a `customer_id` claim, else the shop's `customer_users` table,
+    see `link_user`). Served, the identity is the user the server authenticated; in process, pass
+    `config={"configurable": {"keelgraph_user": "ada"}}` (`DEMO_USERS`); without one, a turn is
+    refused with `IdentityRequired`.
 
     A ticket waits for a person's approval (an `interrupt`; `keelgraph approve` resumes it).
     `memory` keeps what customers ask the desk to remember, across their threads: "default" is
@@ -640,7 +713,7 @@ def make_graph(
             source = default_store
     return build_graph(
         contract,
-        make_tools(path, ticket_approval=ticket_approval, memory=source),
+        make_tools(path, ticket_approval=ticket_approval, memory=source, customer_of=customer_of),
         model=model,
         checkpointer=checkpointer,
         effects=effects,

@@ -14,23 +14,31 @@ from keelgraph.testing import ScriptedChatModel
 __all__ = ["scripted_desk"]
 
 
+def _last_request(messages: list[BaseMessage]) -> dict[str, Any]:
+    """The latest customer request the model was shown (`{"message": ...}`), or {}."""
+    for message in reversed(messages):
+        text = str(message.content)
+        if not isinstance(message, HumanMessage) or "{" not in text:
+            continue
+        try:
+            found = json.loads(text[text.index("{") :])
+        except ValueError:
+            continue
+        if isinstance(found, dict) and isinstance(found.get("message"), str):
+            return found
+    return {}
+
+
 def _desk_step(messages: list[BaseMessage]) -> dict[str, Any]:
     last = str(messages[-1].content)
     if "open_ticket" in last:  # its result, or the reason it did not run
         found = re.search(r'"order_id":\s*(\d+)', last)
         order = found.group(1) if found else "your order"
         return {"action": "final_answer", "answer": {"reply": f"I have passed order {order} to our team."}}
-    requests = [
-        str(m.content) for m in messages if isinstance(m, HumanMessage) and '"customer_id"' in str(m.content)
-    ]
-    try:
-        request = json.loads(requests[-1][requests[-1].index("{") :]) if requests else {}
-    except ValueError:
-        request = {}
+    request = _last_request(messages)
     order = re.search(r"\b(\d{4,})\b", str(request.get("message", "")))
     if order and reports_problem(request):
-        args = {
-            "customer_id": request["customer_id"],
+        args = {  # no customer_id: the desk binds it to the signed-in user, the model is not asked
             "order_id": int(order.group(1)),
             "kind": "damaged",
             "note": str(request["message"])[:500],

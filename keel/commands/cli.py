@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -42,6 +43,10 @@ EXIT_CODES = {
     EXIT_ERROR: "configuration or usage mistake reported by keelgraph",
 }
 DEFAULT_GRAPH = "keelgraph.apps.support.desk:make_graph"
+USER_HELP = (
+    "who is acting (the run's signed-in user; default $KEELGRAPH_USER, else the desk's demo user ada): "
+    "tools bound to the user act for them"
+)
 
 
 def _outcome(result: dict[str, Any], thread: str) -> int:
@@ -65,17 +70,32 @@ def _graph(args: argparse.Namespace) -> Any:
     return _load_factory(args.graph)()
 
 
+def _run_config(args: argparse.Namespace) -> Any:
+    """The run's config: the thread, and who is acting (`--user`, else `$KEELGRAPH_USER`, else the
+    desk's demo user when the graph is the desk; see `keelgraph.tools.identity`)."""
+    configurable: dict[str, Any] = {"thread_id": args.thread}
+    user = args.user or os.environ.get("KEELGRAPH_USER")
+    if not user and args.graph == DEFAULT_GRAPH:
+        from keelgraph.apps.support.demo import DEMO_USER
+
+        user = DEMO_USER
+    if user:
+        from keelgraph.tools.identity import IDENTITY_KEY
+
+        configurable[IDENTITY_KEY] = user
+    return {"configurable": configurable}
+
+
 def _ask(args: argparse.Namespace) -> int:
     graph = _graph(args)
-    config: Any = {"configurable": {"thread_id": args.thread}}
-    return _outcome(graph.invoke({"request": args.request}, config), args.thread)
+    return _outcome(graph.invoke({"request": args.request}, _run_config(args)), args.thread)
 
 
 def _approve(args: argparse.Namespace) -> int:
     from langgraph.types import Command
 
     graph = _graph(args)
-    config: Any = {"configurable": {"thread_id": args.thread}}
+    config = _run_config(args)
     pending = [i.value for i in graph.get_state(config).interrupts]
     if not pending:
         raise UserError(f"thread {args.thread!r} is not waiting for a person's decision")
@@ -354,10 +374,11 @@ def _add_thread_commands(sub: Any) -> None:
     """`ask`, `approve` and `history`: commands on one thread of a graph (`--graph`, default the desk)."""
     ask = sub.add_parser("ask", help="send one request to the order-support assistant in a persistent thread")
     ask.add_argument("--thread", required=True, help="thread id; the same id continues the conversation")
-    ask.add_argument("request", help='the request as JSON, e.g. \'{"customer_id": 1, "message": "Hi"}\'')
+    ask.add_argument("request", help='the request as JSON, e.g. \'{"message": "Hi"}\'')
     ask.add_argument(
         "--graph", default=DEFAULT_GRAPH, help=f"module:factory of the graph (default {DEFAULT_GRAPH})"
     )
+    ask.add_argument("--user", help=USER_HELP)
     ask.set_defaults(func=_ask)
     approve = sub.add_parser("approve", help="decide on the tool call a thread is waiting for (a ticket)")
     approve.add_argument("--thread", required=True)
@@ -367,6 +388,7 @@ def _add_thread_commands(sub: Any) -> None:
     decide = approve.add_mutually_exclusive_group()
     decide.add_argument("--edit", help="JSON of the arguments to change, then run it")
     decide.add_argument("--reject", metavar="REASON", help="do not run it; the reason goes to the model")
+    approve.add_argument("--user", help=USER_HELP)
     approve.set_defaults(func=_approve)
     history = sub.add_parser("history", help="print what a thread kept")
     history.add_argument("--thread", required=True)

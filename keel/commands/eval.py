@@ -8,7 +8,7 @@ asked) beyond the thresholds, is a regression and the command exits 1.
 
 A dataset is a JSON Lines file, one case per line. A case is one thread of one or more turns:
 
-    {"id": "status-of-1002", "input": {"customer_id": 1, "message": "Where is order 1002?"},
+    {"id": "status-of-1002", "user": "ada", "input": {"message": "Where is order 1002?"},
      "expect": {"status": "ok", "output": {"order_ids": {"includes": [1002]},
                                             "reply": {"contains": "shipped"}}}}
     {"id": "ticket-follow-up", "turns": [
@@ -24,6 +24,8 @@ A dataset is a JSON Lines file, one case per line. A case is one thread of one o
 - `fields`: for a rejection, the input fields the error must name.
 - `tools`: tool names that must have run in the turn; `no_tools`: names that must not have.
 A turn's `approve` (default true) decides calls that wait for a person: approve or reject.
+A case's `user` (optional) is who signs in for its thread: the run's `keelgraph_user`, which tools
+bound to the identity act for (see `keelgraph.tools.identity`).
 
 A turn *passes the contract* when it ends in its expected status (a valid answer, or the
 expected typed rejection); it is *correct* when every expectation holds. Recorded threads can be
@@ -46,6 +48,7 @@ from typing import Any
 
 from keelgraph.contracts.errors import UserError
 from keelgraph.progress import Progress
+from keelgraph.tools.identity import IDENTITY_KEY
 
 Graph = Any
 """A compiled LangGraph graph with keelgraph's state (`invoke`, `get_state`)."""
@@ -102,6 +105,8 @@ class Case:
     id: str
     turns: tuple[Turn, ...]
     tags: tuple[str, ...] = ()
+    user: str | None = None
+    """Who signs in for the case's thread (the run's `keelgraph_user`); None: no one."""
 
 
 def _check_matcher(where: str, matcher: Any) -> None:
@@ -157,7 +162,10 @@ def parse_case(data: Any, where: str = "case") -> Case:
         expect = _check_expect(f"{where}, turn {number}", turn.get("expect", {}))
         turns.append(Turn(input=turn["input"], expect=expect, approve=bool(turn.get("approve", True))))
     tags = data.get("tags", [])
-    return Case(id=case_id, turns=tuple(turns), tags=tuple(str(t) for t in tags))
+    user = data.get("user")
+    if user is not None and (not isinstance(user, str) or not user.strip()):
+        raise UserError(f'{where}: "user" must be the id of who signs in (text)')
+    return Case(id=case_id, turns=tuple(turns), tags=tuple(str(t) for t in tags), user=user)
 
 
 def load_dataset(path: Path) -> list[Case]:
@@ -330,6 +338,8 @@ def run_turn(graph: Graph, config: Any, turn: Turn) -> TurnResult:
 def run_case(graph: Graph, case: Case, run_id: str) -> CaseResult:
     """Run a case's turns in one new thread."""
     config: Any = {"configurable": {"thread_id": f"eval-{run_id}-{case.id}"}}
+    if case.user is not None:
+        config["configurable"][IDENTITY_KEY] = case.user
     return CaseResult(id=case.id, turns=[run_turn(graph, config, turn) for turn in case.turns])
 
 

@@ -84,6 +84,8 @@ def write_config(
     for key in ("checkpointer", "store", "auth"):
         if isinstance(config.get(key), dict) and "path" in config[key]:
             config[key]["path"] = absolute(config[key]["path"])
+    if isinstance(config.get("http"), dict) and "app" in config["http"]:
+        config["http"]["app"] = absolute(config["http"]["app"])
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / "langgraph.json"
     out.write_text(json.dumps(config, indent=2))

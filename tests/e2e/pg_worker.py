@@ -17,6 +17,7 @@ from langgraph.types import Command
 from keelgraph.apps.support.desk import make_graph
 from keelgraph.apps.support.scripted import scripted_desk
 from keelgraph.graphs.persistence import checkpointer
+from keelgraph.tools.identity import IDENTITY_KEY
 
 
 def _answer(result: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +37,8 @@ def main() -> None:
         print(json.dumps({"ready": os.getpid()}), flush=True)
         for line in sys.stdin:
             order = json.loads(line)
-            config = {"configurable": {"thread_id": order["thread"]}}
+            # Signed in as the demo's customer 1 (`keelgraph.apps.support.desk.DEMO_USERS`).
+            config = {"configurable": {"thread_id": order["thread"], IDENTITY_KEY: "ada"}}
             if order["op"] == "ask":
                 reply = _answer(graph.invoke({"request": order["request"]}, config))
             elif order["op"] == "resume":

@@ -35,7 +35,9 @@ def test_demo(data: Path) -> None:
     out = done.stdout
     assert out.count("status  : ") == 3
     assert "error   : InputRejected (input_rejected)" in out
-    assert "- customer_id: Input should be a valid integer" in out and "fix: send a whole number" in out
+    # The customer comes from the sign-in (the demo's user ada), never from the request.
+    assert "signed in as  : ada" in out
+    assert "- customer_id: Extra inputs are not permitted" in out and "fix: remove `customer_id`" in out
     assert "=== summary" in out and "thread      : ci-demo" in out
     # Every model turn ended in a defined state, and the thread is in the documented data directory.
     assert all(
@@ -44,16 +46,20 @@ def test_demo(data: Path) -> None:
     )
     assert (data / "threads.db").exists()
     history = keelgraph("history", "--thread", "ci-demo", data=data)
-    assert '[human:rejected] {"customer_id": "abc", "message": ""}' in history.stdout
+    assert '[human:rejected] {"customer_id": 2, "message": ""}' in history.stdout
 
 
 def test_thread_continues_across_processes(data: Path) -> None:
     first = keelgraph(
-        "ask", "--thread", "t1", '{"customer_id": 1, "message": "Where is my order 1002?"}', data=data
+        "ask", "--user", "ada", "--thread", "t1", '{"message": "Where is my order 1002?"}', data=data
     )
     assert first.returncode in {0, 3}, first.stderr
     second = keelgraph(
-        "ask", "--thread", "t1", '{"customer_id": 1, "message": "When did I place it?"}', data=data
+        "ask",
+        "--thread",
+        "t1",
+        '{"message": "When did I place it?"}',
+        data=data,  # ada by default
     )
     assert second.returncode in {0, 3}, second.stderr
     history = keelgraph("history", "--thread", "t1", data=data).stdout

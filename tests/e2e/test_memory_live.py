@@ -29,12 +29,16 @@ def test_a_preference_from_one_thread_is_used_in_another(
         graph = make_graph(
             tmp_path / "shop.db", checkpointer=sqlite_checkpointer(tmp_path / "threads.db"), memory=kept
         )
-        stated: Any = {"customer_id": 1, "message": "Please always contact me by email, not phone."}
-        first = graph.invoke({"request": stated}, {"configurable": {"thread_id": "live-a"}})
+        stated: Any = {"message": "Please always contact me by email, not phone."}
+        first = graph.invoke(
+            {"request": stated}, {"configurable": {"thread_id": "live-a", "keelgraph_user": "ada"}}
+        )
         assert first["status"] == "ok", first.get("error")
         assert [m.text for m in memories(kept, 1)] == [stated["message"]]
-        asked: Any = {"customer_id": 1, "message": "How will you let me know when order 1002 arrives?"}
-        second = graph.invoke({"request": asked}, {"configurable": {"thread_id": "live-b"}})
+        asked: Any = {"message": "How will you let me know when order 1002 arrives?"}
+        second = graph.invoke(
+            {"request": asked}, {"configurable": {"thread_id": "live-b", "keelgraph_user": "ada"}}
+        )
         assert second["status"] == "ok", second.get("error")
         reply = second["output"]["reply"]
         assert re.search(r"e-?mail", reply, re.IGNORECASE), reply  # the other thread's preference, used

@@ -21,8 +21,8 @@ from keelgraph.serving.serve import DevServer, write_config
 
 ROOT = Path(__file__).parents[2]
 WORKER = Path(__file__).with_name("pg_worker.py")
-PROBLEM = {"customer_id": 1, "message": "My order 1002 arrived damaged"}
-FOLLOW_UP = {"customer_id": 1, "message": "Thanks! Anything else I should do?"}
+PROBLEM = {"message": "My order 1002 arrived damaged"}  # as ada, the demo's customer 1
+FOLLOW_UP = {"message": "Thanks! Anything else I should do?"}
 
 
 class Worker:
@@ -110,7 +110,7 @@ def test_two_dev_servers_share_checkpoints_but_not_thread_metadata(postgres_db: 
     registered there, and then resumes the thread from the shared checkpoint.
     """
     graphs = {"support": "tests/e2e/graphs_for_serving.py:support_scripted"}
-    token = TokenFile(tmp_path / "tokens.json").create("alice")
+    token = TokenFile(tmp_path / "tokens.json").create("ada", permissions=["approve"])  # customer 1
     env = {
         **os.environ,
         "KEELGRAPH_DATA_DIR": str(tmp_path / "data"),

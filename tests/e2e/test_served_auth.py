@@ -26,6 +26,7 @@ from langgraph_sdk import get_client, get_sync_client
 from langgraph_sdk.client import LangGraphClient
 from typing_extensions import TypedDict
 
+from keelgraph.apps.support.desk import link_user
 from keelgraph.serving.auth import TokenFile
 from keelgraph.serving.serve import DevServer, write_config
 
@@ -33,8 +34,8 @@ ROOT = Path(__file__).parents[2]
 SCRIPTED = {
     "support": "tests/e2e/graphs_for_serving.py:support_scripted",
 }
-PROBLEM = {"customer_id": 1, "message": "My order 1002 arrived damaged"}
-QUESTION = {"customer_id": 2, "message": "Hello, any news?"}
+PROBLEM = {"message": "My order 1002 arrived damaged"}  # as alice: customer 1, whose order 1002 is
+QUESTION = {"message": "Hello, any news?"}
 
 
 @dataclass
@@ -64,7 +65,10 @@ def setup_folder(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
         "KEELGRAPH_DATABASE_URL": "",
     }
     tokens = TokenFile(folder / "tokens.json")
-    return env, {user: tokens.create(user) for user in ("alice", "bob")}
+    link_user(data / "shop.db", "alice", 1)  # who they are in the shop
+    link_user(data / "shop.db", "bob", 2)
+    # Both may decide on their own tickets (tests/e2e/test_served_identity.py covers who may not).
+    return env, {user: tokens.create(user, permissions=["approve"]) for user in ("alice", "bob")}
 
 
 @pytest.fixture(scope="module")
