@@ -10,7 +10,7 @@ if (
     )
 
 from keelgraph.contracts.boundary import LIMITS, Limits, check_text, check_value, safe_value
-from keelgraph.contracts.contract import Check, CheckContext, Contract, OutputInvalid
+from keelgraph.contracts.contract import Check, CheckContext, Computed, Contract, OutputInvalid, Review
 from keelgraph.contracts.decision import Strategy
 from keelgraph.contracts.errors import (
     Attempt,
@@ -23,6 +23,7 @@ from keelgraph.contracts.errors import (
     Problem,
     RepairExhausted,
     RunError,
+    Uncertain,
     UserError,
     explain,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "BudgetExceeded",
     "Check",
     "CheckContext",
+    "Computed",
     "Contract",
     "ContractError",
     "Failure",
@@ -47,8 +49,10 @@ __all__ = [
     "Parsed",
     "Problem",
     "RepairExhausted",
+    "Review",
     "RunError",
     "Strategy",
+    "Uncertain",
     "UserError",
     "check_text",
     "check_value",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import inspect
 import json
@@ -20,7 +21,10 @@ from keelgraph.contracts.errors import ContractError, InputRejected, Problem, ex
 from keelgraph.contracts.parsing import ParseError, loads_strict, oversized_ints
 from keelgraph.contracts.repair import field_paths, named_field
 
-__all__ = ["Check", "CheckContext", "Contract", "OutputInvalid"]
+__all__ = ["Check", "CheckContext", "Computed", "Contract", "OutputInvalid", "Review"]
+
+PLAIN_FIX = "change the answer so this no longer holds"
+"""The fix a check's plain-text complaint gets when it names none (`"...; write y"` names one)."""
 
 InT = TypeVar("InT", bound=BaseModel)
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -37,16 +41,87 @@ class CheckContext(Generic[InT]):
     """This turn's successful tool calls: `{"name", "args", "output"}` each."""
     context: Any = None
     """The run's `Context` object (user id, knobs), when the graph has one."""
+    earlier_answers: Sequence[Mapping[str, Any]] = ()
+    """The thread's earlier answers, oldest first (as far as the graph's `history_tokens` reaches
+    back): what a check compares a follow-up against ("keep the order id unless the customer
+    changes it")."""
 
 
-CheckResult = str | Problem | Iterable[str | Problem] | None
+@dataclass(frozen=True)
+class Computed:
+    """A check's complaint that a field must hold a value the check computed itself: a total that
+    must equal the sum of the items, a date the request states. Return it like any complaint.
+
+    keelgraph does not ask the model for a value it was handed: when every complaint about an answer
+    is a `Computed` one, the values are written into the answer and it is checked again (no model
+    call); otherwise the repair's grammar pins these fields to their values while the model fixes
+    the rest.
+
+    >>> Computed("total", 32.87, "the items add up to 32.87").value
+    32.87
+    """
+
+    field: str
+    """The answer field's dotted path (`"total"`, `"items.0.line_total"`)."""
+    value: Any
+    """The value the field must hold (JSON data)."""
+    reason: str = ""
+    """Why, in plain words (shown in the repair prompt and the record of the turn)."""
+
+
+CheckResult = str | Problem | Computed | Iterable[str | Problem | Computed] | None
 Check = Callable[[OutT, CheckContext[Any]], CheckResult | Awaitable[CheckResult]]
 """A semantic check: return (or raise `ValueError` with) what is wrong, or None when all is well.
 
 Say which field is wrong, and a repair can change that field alone: begin the message with the
 field's path (`"gift_wrap is true but the e-mail does not ask for it"`, `"ship_to.city ..."`), or
 return a `Problem` whose `field` is the path (`Problem(field="gift_wrap", reason=..., fix=...)`).
-See `keelgraph.contracts.repair.repair_schema`."""
+See `keelgraph.contracts.repair.repair_schema`. Where the check knows the right value, return
+`Computed(field, value, reason)`: it is written in rather than asked for.
+
+A check that reads `ctx.tool_results` while no tool has returned, and complains, is taken to say
+that the answer needs a tool: the next step must call one (see `Review.needs_tool`)."""
+
+
+@dataclass(frozen=True)
+class Review:
+    """What the checks found in one answer (`Contract.review`)."""
+
+    problems: list[Problem]
+    """Every complaint, as the correction prompt states it."""
+    computed: dict[str, Any] = field(default_factory=dict)
+    """Values checks computed for fields (`Computed`), by dotted answer path."""
+    needs_tool: bool = False
+    """A failing check read `tool_results` while no tool had returned: the answer needs a tool."""
+    computed_only: bool = False
+    """Every problem is a `Computed` one: writing the values in may be the whole repair."""
+
+
+class _Watched(Sequence[Mapping[str, Any]]):
+    """A check context's tool results that remember being read."""
+
+    def __init__(self, items: Sequence[Mapping[str, Any]]) -> None:
+        self._items = list(items)
+        self.read = False
+
+    def __getitem__(self, index: Any) -> Any:
+        self.read = True
+        return self._items[index]
+
+    def __len__(self) -> int:
+        self.read = True
+        return len(self._items)
+
+    def __iter__(self) -> Any:
+        self.read = True
+        return iter(self._items)
+
+    def __bool__(self) -> bool:
+        self.read = True
+        return bool(self._items)
+
+    def __repr__(self) -> str:
+        return repr(self._items)
 
 
 class OutputInvalid(ValueError):
@@ -192,6 +267,15 @@ class Contract(Generic[InT, OutT]):
     no final answer, and native tool calling gets `tool_choice="required"` without the answer tool.
     When no tool may be offered (none passes `offer_when`, or the tool rounds are spent) the answer
     is offered as usual, and the checks judge it."""
+    judgement: Sequence[str] = ()
+    """Answer fields whose value is a judgement no check can verify (a category, a priority, a
+    yes/no): before such an answer ships, the model is asked `judgement_samples - 1` more times
+    (sampled, answer only) and every valid sample must agree with it on these fields (strings
+    compared without case and surrounding space). When they disagree the turn fails with
+    `Uncertain` carrying the votes, for a person or a larger model to decide: an answer the model
+    itself would not give twice is not shipped. Dotted paths (`"ticket.category"`)."""
+    judgement_samples: int = 3
+    """How many answers (the checked one included) must agree on the `judgement` fields."""
     name: str = field(default="")
     strict: bool = False
     """Validate requests and answers in Pydantic's strict mode, as JSON: `"21"` is then no integer
@@ -211,11 +295,21 @@ class Contract(Generic[InT, OutT]):
         for check in self.checks:
             if not callable(check):
                 raise ContractError(f"Contract check {check!r} is not callable")
+        if not 2 <= self.judgement_samples <= 9:
+            raise ContractError(f"judgement_samples must be between 2 and 9, got {self.judgement_samples}")
+        if isinstance(self.judgement, str):
+            raise ContractError(f"judgement is a list of field paths, like ({self.judgement!r},)")
         try:
             self.output.model_json_schema()
             self.input.model_json_schema()
         except Exception as exc:
             raise ContractError(f"Contract models must have a JSON schema: {exc}") from exc
+        for path in self.judgement:
+            if tuple(path.split(".")) not in self._field_paths:
+                raise ContractError(
+                    f"Contract judgement names {path!r}, which is not a field of {self.output.__name__}; "
+                    "use a dotted path of its fields, like 'category'"
+                )
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -380,21 +474,41 @@ class Contract(Generic[InT, OutT]):
 
     def run_checks(self, output: OutT, ctx: CheckContext[InT]) -> list[Problem]:
         """Run every semantic check; each complaint becomes a `Problem` (the correction prompt)."""
+        return self.review(output, ctx).problems
+
+    def review(self, output: OutT, ctx: CheckContext[InT]) -> Review:
+        """Run every semantic check: the problems, the values checks computed, and whether a
+        failing check asked for a tool result that is not there (see `Review`)."""
         problems: list[Problem] = []
+        computed: dict[str, Any] = {}
+        needs_tool = False
+        plain = 0
         for check in self.checks:
             named = getattr(check, "func", check)  # a functools.partial names its function
             name = getattr(named, "__name__", type(check).__name__)
+            watched = _Watched(ctx.tool_results)
             try:
-                result = check(output, ctx)
+                result = check(output, dataclasses.replace(ctx, tool_results=watched))
                 if inspect.isawaitable(result):
                     result = _run_sync(result)
             except ValueError as exc:
                 result = str(exc)
             if result is None:
                 continue
-            for item in [result] if isinstance(result, (str, Problem)) else list(result):
-                problems.append(self._check_problem(item, name))
-        return problems
+            items = [result] if isinstance(result, (str, Problem, Computed)) else list(result)
+            if items and watched.read and not ctx.tool_results:
+                needs_tool = True
+            for item in items:
+                if isinstance(item, Computed):
+                    path = item.field.removeprefix("answer.")
+                    computed[path] = item.value
+                    fix = f"write {json.dumps(item.value, default=str)}"
+                    why = item.reason or f"{path} must be {item.value!r}"
+                    problems.append(self._check_problem(Problem(field=path, reason=why, fix=fix), name))
+                else:
+                    plain += 1
+                    problems.append(self._check_problem(item, name))
+        return Review(problems, computed, needs_tool, computed_only=bool(computed) and not plain)
 
     @functools.cached_property
     def _field_paths(self) -> set[tuple[str, ...]]:
@@ -410,7 +524,10 @@ class Contract(Generic[InT, OutT]):
             return Problem(field=f"{where} ({check})", reason=item.reason, fix=item.fix)
         named = named_field(str(item), self._field_paths)
         where = f"answer.{'.'.join(named)}" if named else "answer"
-        return Problem(field=f"{where} ({check})", reason=str(item), fix="correct the answer")
+        reason, _, fix = str(item).partition("; ")  # "x is wrong; write y": the check's own fix
+        if not fix.strip():
+            fix = f"change {'.'.join(named)} so this no longer holds" if named else PLAIN_FIX
+        return Problem(field=f"{where} ({check})", reason=reason, fix=fix)
 
 
 def _at_request(problems: list[Problem]) -> list[Problem]:

@@ -94,8 +94,8 @@ def inline_refs(schema: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
-_GRAMMAR_UNSAFE = frozenset({"maxLength", "format", "uniqueItems", "default", "examples"})
-_SMALL = {"minLength": 16, "minItems": 10, "maxItems": 10}
+_GRAMMAR_UNSAFE = frozenset({"format", "uniqueItems", "default", "examples"})
+_SMALL = {"minLength": 16, "minItems": 10, "maxItems": 10, "maxLength": 200}
 """Counted keywords kept in the grammar only up to these sizes (each count becomes rules)."""
 
 _CLASS = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " \\t\\n"}
@@ -167,10 +167,11 @@ def grammar_safe(schema: Any) -> Any:
     """The schema as a grammar compiler can take it; the contract still enforces the original.
 
     Drops keywords that blow up grammar compilers (a `maxLength` of 1,200 becomes 1,200 nested
-    rules and crashed llama.cpp's server), keeps small counts, and rewrites patterns with
+    rules and crashed llama.cpp's server), keeps small counts (a summary's `maxLength` of 120 is
+    kept: a too-long string then cannot be written at all), and rewrites patterns with
     `grammar_pattern` (dropped when they cannot be expressed safely).
 
-    >>> grammar_safe({"type": "string", "pattern": r"^\\d{5}$", "maxLength": 5})
+    >>> grammar_safe({"type": "string", "pattern": r"^\\d{5}$", "maxLength": 500})
     {'type': 'string', 'pattern': '^[0-9]{5}$'}
     """
     if isinstance(schema, list):

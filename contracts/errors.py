@@ -17,6 +17,7 @@ __all__ = [
     "Problem",
     "RepairExhausted",
     "RunError",
+    "Uncertain",
     "UserError",
     "explain",
 ]
@@ -39,7 +40,7 @@ class Problem(BaseModel):
 
 
 AttemptKind = Literal[
-    "output", "check", "parse", "tool_args", "unknown_tool", "repeated_call", "rejected_call"
+    "output", "check", "parse", "tool_args", "unknown_tool", "repeated_call", "rejected_call", "sample"
 ]
 
 
@@ -56,7 +57,7 @@ class Attempt(BaseModel):
 class Failure(BaseModel):
     """A run's typed failure as plain data: stored in the thread and returned over HTTP."""
 
-    type: Literal["InputRejected", "RepairExhausted", "BudgetExceeded", "ModelUnavailable"]
+    type: Literal["InputRejected", "RepairExhausted", "BudgetExceeded", "ModelUnavailable", "Uncertain"]
     code: str
     message: str
     problems: list[Problem] = Field(default_factory=list)
@@ -70,6 +71,8 @@ class Failure(BaseModel):
             return BudgetExceeded.from_failure(self)
         if self.type == "ModelUnavailable":
             return ModelUnavailable([], None, message=self.message)
+        if self.type == "Uncertain":
+            return Uncertain(self.problems, self.attempts, usage=self.usage, message=self.message)
         return RepairExhausted(self.attempts, usage=self.usage, message=self.message)
 
 
@@ -145,6 +148,46 @@ class RepairExhausted(RunError):
             code=self.code,
             message=str(self),
             problems=self.attempts[-1].problems if self.attempts else [],
+            attempts=self.attempts,
+            usage=self.usage,
+        )
+
+
+class Uncertain(RunError):
+    """The answer passed every check, but the model did not give its `judgement` fields again when
+    asked again (see `Contract.judgement`): an answer it would not stand behind is not shipped.
+
+    `problems` names each field with the values the samples gave; `attempts` holds the samples
+    (their raw output). Route the request to a person, give the model more to go on (the request,
+    the instructions), or use a stronger model.
+
+    >>> Uncertain([Problem(field="answer.category", reason="samples gave 'a', 'b'", fix="ask a person")]).code
+    'uncertain'
+    """
+
+    code = "uncertain"
+
+    def __init__(
+        self,
+        problems: list[Problem],
+        attempts: list[Attempt] | None = None,
+        *,
+        usage: dict[str, int] | None = None,
+        message: str = "",
+    ) -> None:
+        self.problems = list(problems)
+        self.attempts = list(attempts or [])
+        self.usage = dict(usage or {})
+        super().__init__(
+            message or "the model did not agree with itself: " + "; ".join(p.line() for p in self.problems)
+        )
+
+    def to_failure(self) -> Failure:
+        return Failure(
+            type="Uncertain",
+            code=self.code,
+            message=str(self),
+            problems=self.problems,
             attempts=self.attempts,
             usage=self.usage,
         )

@@ -17,6 +17,7 @@ __all__ = [
     "field_paths",
     "named_field",
     "not_equal_pattern",
+    "pin_values",
     "repair_plan",
     "repair_schema",
 ]
@@ -248,6 +249,10 @@ def _exclude(node: dict[str, Any], rejected: list[Any]) -> bool:
             node["enum"] = rest
             return True
         return False
+    if node.get("type") == "integer" and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in rejected
+    ):
+        return _exclude_integers(node, sorted(set(rejected)))
     if node.get("type") == "boolean" and all(isinstance(v, bool) for v in rejected):
         if len(set(rejected)) != 1:
             return False
@@ -267,6 +272,49 @@ def _exclude(node: dict[str, Any], rejected: list[Any]) -> bool:
         node["pattern"] = pattern  # a pattern the grammar cannot use is only checked after parsing
         return True
     return False
+
+
+MAX_EXCLUDED_INTEGERS = 8
+"""Rejected integers ruled out in one field at most: each splits the allowed range in two."""
+
+
+def _exclude_integers(node: dict[str, Any], rejected: list[int]) -> bool:
+    """Rule rejected integers out of an integer field as ranges between them (llama.cpp's grammar
+    takes `minimum`/`maximum` on integers): `{"anyOf": [<= 2, 4..6, >= 8]}` rules out 3 and 7."""
+    low, high = node.get("minimum"), node.get("maximum")
+    if not rejected or len(rejected) > MAX_EXCLUDED_INTEGERS:
+        return False
+    if any(not isinstance(b, int) or isinstance(b, bool) for b in (low, high) if b is not None):
+        return False
+    ranges: list[tuple[int | None, int | None]] = []
+    start = low
+    for value in rejected:
+        end = value - 1
+        if start is None or end >= start:
+            ranges.append((start, end))
+        start = value + 1
+    if high is None or start <= high:
+        ranges.append((start, high))
+    ranges = [
+        (a, b)
+        for a, b in ranges
+        if (a is None or high is None or a <= high) and (b is None or low is None or b >= low)
+    ]
+    if not ranges:
+        return False
+    rest = {k: v for k, v in node.items() if k not in {"minimum", "maximum", "type"}}
+    options = [
+        {
+            "type": "integer",
+            **({"minimum": a} if a is not None else {}),
+            **({"maximum": b} if b is not None else {}),
+        }
+        for a, b in ranges
+    ]
+    node.clear()
+    node.update(rest)
+    node.update(options[0] if len(options) == 1 else {"anyOf": options})
+    return True
 
 
 def _pin(node: dict[str, Any], value: Any, free: list[Path]) -> dict[str, Any]:
@@ -353,3 +401,29 @@ def repair_plan(
     pinned = _pin(out, previous, named)
     _let_go(pinned, named)
     return RepairPlan(pinned, decisive=excluded == len(named))
+
+
+def pin_values(schema: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """`schema` with the field at each dotted path of `values` fixed to its value (`const`): the
+    values checks computed (`keelgraph.Computed`) are written, not guessed, in a repair. Paths into
+    a list that was not made a tuple (see `repair_plan`) are left as they are.
+
+    >>> pin_values({"type": "object", "properties": {"total": {"type": "number"}}}, {"total": 32.87})
+    {'type': 'object', 'properties': {'total': {'const': 32.87}}}
+    """
+    out = copy.deepcopy(dict(schema))
+    for path, value in values.items():
+        parts = tuple(path.split("."))
+        node = _node_at(out, parts[:-1]) if len(parts) > 1 else out
+        if node is None:
+            continue
+        last = parts[-1]
+        if (
+            last.isdigit()
+            and isinstance(node.get("prefixItems"), list)
+            and int(last) < len(node["prefixItems"])
+        ):
+            node["prefixItems"][int(last)] = {"const": value}
+        elif isinstance(node.get("properties"), dict) and last in node["properties"]:
+            node["properties"][last] = {"const": value}
+    return out

@@ -21,6 +21,7 @@ from keelgraph.contracts.errors import UserError
 from keelgraph.graphs.act import act, route_after_act
 from keelgraph.graphs.approve import approve
 from keelgraph.graphs.check import check_output, route_after_check
+from keelgraph.graphs.confirm import confirm
 from keelgraph.graphs.prompt import tool_args_schema
 from keelgraph.graphs.reason import reason, route_after_reason
 from keelgraph.graphs.spec import AgentSpec
@@ -296,12 +297,14 @@ def graph_builder(
     builder.add_node("approve", traced("approve", partial(approve, spec=spec)))
     builder.add_node("act", traced("act", partial(act, spec=spec)))
     builder.add_node("check_output", traced("check_output", partial(check_output, spec=spec)))
+    builder.add_node("confirm", traced("confirm", partial(confirm, spec=spec)))
     builder.add_edge(START, "validate_input")
     builder.add_conditional_edges("validate_input", route_after_input)
     builder.add_conditional_edges("reason", route_after_reason, ["approve", "act", "check_output", END])
     builder.add_edge("approve", "act")
     builder.add_conditional_edges("act", route_after_act)
     builder.add_conditional_edges("check_output", route_after_check)
+    builder.add_edge("confirm", END)
     return builder
 
 

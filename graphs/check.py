@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.runtime import Runtime
 
-from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid
+from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid, Review
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
 from keelgraph.graphs.model_call import cache_write, without_reply
 from keelgraph.graphs.prompt import kind_of, tagged
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, State, Stats
-from keelgraph.graphs.turn import exhausted, failed, new_attempt, zero_stats
+from keelgraph.graphs.turn import exhausted, failed, new_attempt, turn_facts, with_history, zero_stats
 
-__all__ = ["CORRECTION", "check_context", "check_output", "route_after_check"]
+__all__ = ["CORRECTION", "check_context", "check_output", "route_after_check", "ship"]
 
 CORRECTION = (
     "A reply to this request was rejected:\n{problems}\n"
@@ -44,17 +45,97 @@ def _builtin_checks(answer_json: str, attempts: list[dict[str, Any]]) -> list[Pr
 
 
 def check_context(
-    state: State, runtime: Runtime[Context] | None, contract: Contract[Any, Any]
+    state: State,
+    runtime: Runtime[Context] | None,
+    contract: Contract[Any, Any],
+    spec: AgentSpec | None = None,
 ) -> CheckContext[Any]:
+    """What checks, choices and `derive` see: this turn's request and tool results, the run's
+    context, and (given the `spec`) the thread's earlier answers."""
+    earlier = turn_facts(with_history(state, spec)).earlier_answers if spec is not None else ()
     return CheckContext(
         input=contract.input.model_validate(state.get("input") or {}),
         tool_results=state.get("tool_log", []),
         context=runtime.context if runtime is not None else None,
+        earlier_answers=earlier,
     )
 
 
+def _write_in(answer: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`answer` with each dotted path of `values` set to its value (paths that lead nowhere are skipped)."""
+    out = copy.deepcopy(answer)
+    for path, value in values.items():
+        node: Any = out
+        parts = path.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                node = None
+                break
+        last = parts[-1]
+        if isinstance(node, dict):
+            node[last] = value
+        elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            node[int(last)] = value
+    return out
+
+
+def _judge(
+    contract: Contract[Any, Any], output: Any, ctx: CheckContext[Any], attempts: list[dict[str, Any]]
+) -> tuple[list[Problem], Review]:
+    """Every problem of a parsed answer: the built-in checks, its choices, the contract's checks."""
+    review = contract.review(output, ctx)
+    return [
+        *_builtin_checks(output.model_dump_json(), attempts),
+        *contract.choice_problems(output, ctx),
+        *review.problems,
+    ], review
+
+
+def _computed_in(
+    contract: Contract[Any, Any],
+    output: Any,
+    ctx: CheckContext[Any],
+    review: Review,
+    attempts: list[dict[str, Any]],
+) -> Any | None:
+    """The answer with the checks' computed values written in, when that alone satisfies every check
+    (None otherwise): a value the system computed is not asked of the model (`keelgraph.Computed`)."""
+    try:
+        patched = contract.parse_output(_write_in(output.model_dump(mode="json"), review.computed))
+    except OutputInvalid:
+        return None
+    problems, _ = _judge(contract, patched, ctx, attempts)
+    return None if problems else patched
+
+
+def ship(state: State, spec: AgentSpec, output: Any, stats: Stats) -> dict[str, Any]:
+    """The update that ends the turn with `output`: the answer message, the stats, the cache."""
+    last = state["messages"][-1]
+    answer = tagged(AIMessage(output.model_dump_json(), id=last.id), "answer")
+    stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
+    # The turn ended ok: its replies that were not rejected are known good, and only now cached.
+    cache_write(spec, state.get("cache_writes", []))
+    return {
+        "status": "ok",
+        "output": output.model_dump(mode="json"),
+        "error": None,
+        "pending": None,
+        "messages": [answer],
+        "stats": stats,
+        "cache_writes": [],
+    }
+
+
 def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) -> dict[str, Any]:
-    """Validate the candidate answer: schema first, then semantic checks. Failures become repairs."""
+    """Validate the candidate answer: schema first, then semantic checks. Failures become repairs.
+
+    Values the checks computed (`keelgraph.Computed`) are written in when they are all that is
+    wrong, and pinned in the repair's grammar otherwise. An answer with `judgement` fields goes to
+    `confirm` before it ships."""
     contract = spec.contract
     pending = state.get("pending") or {}
     stats: Stats = {**zero_stats(), **state.get("stats", {})}
@@ -65,7 +146,7 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     if not problems:
         candidate = pending.get("answer")
         if contract.derive is not None and isinstance(candidate, dict):
-            derived = contract.derive(dict(candidate), check_context(state, runtime, contract))
+            derived = contract.derive(dict(candidate), check_context(state, runtime, contract, spec))
             if derived != candidate:
                 stats["recoveries"] += 1
             candidate = derived
@@ -73,36 +154,30 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
             output = contract.parse_output(candidate)
         except OutputInvalid as exc:
             problems, kind = exc.problems, "output"
+    review = Review([])
     if output is not None:
-        ctx = check_context(state, runtime, contract)
-        problems = [
-            *_builtin_checks(output.model_dump_json(), state.get("attempts", [])),
-            *contract.choice_problems(output, ctx),
-            *contract.run_checks(output, ctx),
-        ]
+        ctx = check_context(state, runtime, contract, spec)
+        problems, review = _judge(contract, output, ctx, state.get("attempts", []))
         kind = "check"
-    last = state["messages"][-1]
+        only_computed = problems and review.computed_only and len(problems) == len(review.problems)
+        if only_computed and (
+            patched := _computed_in(contract, output, ctx, review, state.get("attempts", []))
+        ):
+            output, problems = patched, []
+            stats["recoveries"] += 1
     if output is not None and not problems:
-        answer = tagged(AIMessage(output.model_dump_json(), id=last.id), "answer")
-        stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
-        # The turn ended ok: its replies that were not rejected are known good, and only now cached.
-        cache_write(spec, state.get("cache_writes", []))
-        return {
-            "status": "ok",
-            "output": output.model_dump(mode="json"),
-            "error": None,
-            "pending": None,
-            "messages": [answer],
-            "stats": stats,
-            "cache_writes": [],
-        }
+        if contract.judgement:
+            # Not shipped yet: `confirm` asks again and ships it only if the samples agree.
+            return {"pending": {"confirm": output.model_dump(mode="json"), "raw": raw}, "stats": stats}
+        return ship(state, spec, output, stats)
+    last = state["messages"][-1]
     writes = without_reply(state.get("cache_writes", []), last.id)
     attempts = [
         *state.get("attempts", []),
         new_attempt(state.get("attempts", []), kind, raw, problems),
     ]
     stats["repairs"] = len(attempts)
-    if why := exhausted(spec, attempts):
+    if why := exhausted(spec, attempts, stats):
         return {
             "attempts": attempts,
             "cache_writes": writes,
@@ -118,10 +193,16 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
         "stats": stats,
         "pending": None,
         "answer_only": answer_only,
+        # A check that wanted a tool result nobody fetched: the next step must call a tool.
+        "tool_next": review.needs_tool,
+        "pins": review.computed,
         "messages": [correction],
         "cache_writes": writes,
     }
 
 
-def route_after_check(state: State) -> Literal["reason", "__end__"]:
-    return "__end__" if state.get("status") in {"ok", "failed"} else "reason"
+def route_after_check(state: State) -> Literal["reason", "confirm", "__end__"]:
+    if state.get("status") in {"ok", "failed"}:
+        return "__end__"
+    pending = state.get("pending")
+    return "confirm" if isinstance(pending, dict) and "confirm" in pending else "reason"

@@ -21,7 +21,7 @@ from keelgraph.contracts.repair import RepairPlan
 from keelgraph.graphs.prompt import render, system_prompt, tool_args_schema
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import ModelAttempt, State
-from keelgraph.graphs.turn import guard_context
+from keelgraph.graphs.turn import answered_position, guard_context, stuck
 from keelgraph.runtime.cache import cache_key, effective_temperature
 from keelgraph.runtime.models import http_status, is_malformed, is_transient, model_label
 from keelgraph.tools.execution import allowed_values, policy_of
@@ -115,9 +115,20 @@ def bind(
             },
         }
         choice = "required" if allowed else ANSWER
-        offered: list[BaseTool | dict[str, Any]] = (
-            [*allowed] if allowed and not final else [*allowed, answer_tool]
-        )
+        # The tools as the grammar paths show them: without `from_identity` arguments, and with the
+        # policy's allowed values for this context, so no strategy asks the model who is acting.
+        tools: list[dict[str, Any]] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": tool.name,
+                    "description": tool.description,
+                    "parameters": inline_refs(schemas.get(tool.name) or tool_args_schema(tool)),
+                },
+            }
+            for tool in allowed
+        ]
+        offered = tools if allowed and not final else [*tools, answer_tool]
         return model.bind_tools(offered, tool_choice=choice)
     schema = decision_schema(answer, schemas, final=final)
     if strategy == "json_object":
@@ -138,12 +149,13 @@ def bind(
 def first_position(state: State, spec: AgentSpec) -> int:
     """Where in the model chain this call starts: past the models that handed over after failed
     repairs, and at the model that answered last in this turn (a model that just failed over is
-    not asked again until the next turn)."""
-    repairs = len(state.get("attempts", []))
-    answered = [
-        a["position"] for a in state.get("stats", {}).get("model_attempts", []) if a["outcome"] == "ok"
-    ]
-    return max(spec.chain.first_position(repairs), answered[-1] if answered else 0)
+    not asked again until the next turn), or the one after it when that model wrote its rejected
+    answer again (`turn.stuck`)."""
+    attempts = state.get("attempts", [])
+    last = answered_position(state.get("stats", {}))
+    if stuck(attempts) and last + 1 < len(spec.chain.models):
+        last += 1  # it wrote its rejected answer again: the next model of the chain takes the turn
+    return max(spec.chain.first_position(len(attempts)), last)
 
 
 def _record(model: str, position: int, began: float, exc: BaseException | None = None) -> ModelAttempt:
@@ -237,6 +249,7 @@ def ask(
     plan: RepairPlan | None = None,
     *,
     final: bool = True,
+    temperature: float | None = None,
 ) -> tuple[BaseMessage, list[ModelAttempt], CacheNote]:
     """One model call, with every request it took, answered from the response cache if it holds
     the identical call (see `keelgraph.runtime.cache`).
@@ -247,7 +260,8 @@ def ask(
     `ModelUnavailable` ends the node. An endpoint that refuses the strategy moves the graph down the
     strategy chain; any other error is raised as it is. A repair's `plan` (see `_repair_plan`)
     gives the answer schema the output format is bound with; the prompt describes `answer`. With
-    `final=False` (and tools allowed) the model may only call a tool (`Contract.needs_tool`).
+    `final=False` (and tools allowed) the model may only call a tool (`Contract.needs_tool`). A
+    `temperature` overrides the repair rule's (`repair_temperature`).
     """
     chain = spec.chain
     schemas = offered_schemas(state, allowed)
@@ -263,9 +277,11 @@ def ask(
             began = time.monotonic()
             try:
                 bound = bind(model, strategy, plan.schema if plan else answer, allowed, schemas, final=final)
-                temperature = repair_temperature(model, plan, len(state.get("attempts") or []))
-                if temperature is not None:
-                    bound = bound.bind(temperature=temperature)
+                heat = temperature
+                if heat is None:
+                    heat = repair_temperature(model, plan, len(state.get("attempts") or []))
+                if heat is not None:
+                    bound = bound.bind(temperature=heat)
                 note, cached = _cache_lookup(spec, model, bound, prompt)
                 if cached is not None:
                     hit = _record(name, position, began)

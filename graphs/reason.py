@@ -17,7 +17,7 @@ from keelgraph.contracts.boundary import check_value, safe_value
 from keelgraph.contracts.decision import ANSWER, AnswerChoice, DecisionError, inline_refs, read_decision
 from keelgraph.contracts.errors import Problem
 from keelgraph.contracts.parsing import ParseError, parse_json
-from keelgraph.contracts.repair import RepairPlan, repair_plan
+from keelgraph.contracts.repair import RepairPlan, pin_values, repair_plan
 from keelgraph.graphs.approve import awaiting_approval
 from keelgraph.graphs.budgets import account, over_budget
 from keelgraph.graphs.check import check_context
@@ -31,6 +31,10 @@ from keelgraph.graphs.turn import failed, with_history, zero_stats
 __all__ = ["reason", "route_after_reason"]
 
 _log = logging.getLogger("keelgraph")
+NO_TOOL_RESULT = (
+    "the answer must rest on a tool result (Contract.needs_tool) and no tool returned one in {n} "
+    "round(s) of tool calls; see the tool errors in the thread"
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -71,7 +75,9 @@ def _repair_plan(state: State, spec: AgentSpec, answer: dict[str, Any]) -> Repai
     earlier = [
         (found, _problems(a)) for a in attempts[:-1] if (found := _rejected_answer(a, spec)) is not None
     ]
-    return repair_plan(inline_refs(answer), previous, _problems(attempts[-1]), earlier=earlier)
+    plan = repair_plan(inline_refs(answer), previous, _problems(attempts[-1]), earlier=earlier)
+    pins = state.get("pins") or {}
+    return RepairPlan(pin_values(plan.schema, pins), plan.decisive) if pins else plan
 
 
 def _problems(attempt: Mapping[str, Any]) -> list[Problem]:
@@ -101,7 +107,7 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
             f"stopped after {stats['model_calls']} model calls in one turn (the limit)",
         )
     allowed = allowed_tools(state, spec)
-    answer = spec.contract.output_schema_for(check_context(state, runtime, spec.contract))
+    answer = spec.contract.output_schema_for(check_context(state, runtime, spec.contract, spec))
     usage = {k: int(stats[k]) for k in ("model_calls", "input_tokens", "output_tokens")}
     late = spec.out_of_time(state.get("started"), usage)  # `turn_timeout_s`: no call past it
     if (over := late or over_budget(state, spec, stats, answer, allowed)) is not None:
@@ -109,8 +115,15 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         stats["seconds"] = round(time.time() - state.get("started", time.time()), 3)
         _log.warning("keelgraph: %s", over)
         return {"status": "failed", "error": over.to_failure().model_dump(), "stats": stats, "pending": None}
-    # A contract whose answer rests on a tool result gets no answer option until a tool has returned.
-    tool_first = spec.contract.needs_tool and bool(allowed) and not state.get("tool_log")
+    # A contract whose answer rests on a tool result gets no answer option until a tool has returned;
+    # so does a repair of an answer whose check asked for a tool result (`tool_next`).
+    fetched = bool(state.get("tool_log"))
+    if spec.contract.needs_tool and not fetched and not allowed and state.get("tool_rounds", 0) > 0:
+        # Tools were called and none returned a result: an answer now could rest on nothing.
+        return failed(
+            state, state.get("attempts", []), stats, NO_TOOL_RESULT.format(n=state.get("tool_rounds", 0))
+        )
+    tool_first = (spec.contract.needs_tool or bool(state.get("tool_next"))) and bool(allowed) and not fetched
     plan = _repair_plan(state, spec, answer)
     reply, tried, note = ask(state, spec, answer, allowed, plan, final=not tool_first)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))

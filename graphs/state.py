@@ -98,6 +98,12 @@ class OutputState(TypedDict, total=False):
     """A `keelgraph.Failure` as data: type, code, message, problems, attempts, usage."""
     stats: Stats
     """The cost of this turn."""
+    attempts: list[dict[str, Any]]
+    """This turn's failed attempts (`keelgraph.Attempt` as data: what the model wrote and what was
+    wrong), including those a repair then fixed: what happened in a run that ended `ok`."""
+    samples: list[dict[str, Any]]
+    """The extra answers sampled for the contract's `judgement` fields this turn (raw text, the
+    values of those fields), kept as the record of the vote."""
 
 
 class State(InputState, OutputState, total=False):
@@ -108,8 +114,6 @@ class State(InputState, OutputState, total=False):
     store, only the turn in progress: earlier turns are in the thread's archive."""
     input: dict[str, Any] | None
     """This turn's request after validation."""
-    attempts: list[dict[str, Any]]
-    """This turn's failed attempts (`keelgraph.Attempt` as data)."""
     tool_log: list[dict[str, Any]]
     """This turn's successful tool calls: name, args, output."""
     pending: dict[str, Any] | None
@@ -118,6 +122,11 @@ class State(InputState, OutputState, total=False):
     """How many times `act` ran this turn."""
     answer_only: bool
     """Set when the model must answer now: no more tool calls this turn."""
+    tool_next: bool
+    """Set when a check asked for a tool result that was not there: the next step must call a tool."""
+    pins: dict[str, Any]
+    """Answer fields a check computed (`keelgraph.Computed`), by dotted path: the next repair's grammar
+    holds them to these values."""
     started: float
     """When this turn began (epoch seconds)."""
     approvals: dict[str, dict[str, Any]]
@@ -146,7 +155,13 @@ class State(InputState, OutputState, total=False):
 
 @dataclass(frozen=True)
 class Context:
-    """Run-time knobs passed per run (`graph.invoke(..., context=Context(user_id="u1"))`)."""
+    """Run-time knobs passed per run (`graph.invoke(..., context=Context(user_id="u1"))`).
+
+    Not who is acting: a served run's context comes from the request body, which any client
+    writes. The signed-in user is the run's identity (`keelgraph.graphs.identity.current_identity`,
+    set by the server's auth, or in process by `config={"configurable": {"keelgraph_user": ...}}`).
+    """
 
     user_id: str | None = None
-    """Who is asking; checks and tools may use it."""
+    """A caller's label for the run (for logs and checks), as sent: never authenticated, so never
+    a reason to show or change anyone's data (bind such arguments with `from_identity`)."""

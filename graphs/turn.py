@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langchain_core.messages import AnyMessage
@@ -20,11 +21,13 @@ from keelgraph.tools.gate import TurnFacts
 
 __all__ = [
     "RAW_LIMIT",
+    "answered_position",
     "as_text",
     "exhausted",
     "failed",
     "guard_context",
     "new_attempt",
+    "stuck",
     "thread_id",
     "turn_facts",
     "turn_id",
@@ -137,14 +140,33 @@ def new_attempt(
     return Attempt(number=len(attempts) + 1, kind=kind, raw=raw[:RAW_LIMIT], problems=problems).model_dump()
 
 
-def exhausted(spec: AgentSpec, attempts: list[dict[str, Any]]) -> str | None:
-    """Why the repair loop must stop now, or None while it may go on."""
+def stuck(attempts: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the last two failed attempts are the same output with the same problems: the model
+    gave its rejected answer again, and telling it once more will not help."""
+    if len(attempts) < 2:
+        return False
+    a, b = attempts[-2], attempts[-1]
+    return bool(a["raw"] == b["raw"] and a["problems"] == b["problems"])
+
+
+def answered_position(stats: Mapping[str, Any]) -> int:
+    """The position in the model chain of the model that answered last this turn (0 before any)."""
+    answered = [a["position"] for a in stats.get("model_attempts", []) if a["outcome"] == "ok"]
+    return answered[-1] if answered else 0
+
+
+def exhausted(
+    spec: AgentSpec, attempts: list[dict[str, Any]], stats: Mapping[str, Any] | None = None
+) -> str | None:
+    """Why the repair loop must stop now, or None while it may go on. A model that repeats its
+    rejected answer stops the loop, unless a later model of the chain can take the turn (a cascade:
+    see `graphs.model_call.first_position`)."""
     if len(attempts) > spec.contract.repair_budget:
         return BUDGET_SPENT.format(budget=spec.contract.repair_budget)
-    if len(attempts) >= 2:
-        a, b = attempts[-2], attempts[-1]
-        if a["raw"] == b["raw"] and a["problems"] == b["problems"]:
-            return SAME_OUTPUT_TWICE
+    if stuck(attempts):
+        if stats is not None and answered_position(stats) + 1 < len(spec.chain.models):
+            return None
+        return SAME_OUTPUT_TWICE
     return None
 
 

@@ -11,10 +11,11 @@ from typing import Any, cast, get_args
 from keelgraph.contracts.decision import Strategy
 from keelgraph.contracts.errors import UserError
 
-__all__ = ["EMBEDDED_MODEL_NAME", "Settings"]
+__all__ = ["EMBEDDED_MODEL_NAME", "LARGER_MODEL_NAME", "Settings"]
 
 _STRATEGIES: tuple[str, ...] = get_args(Strategy)
 EMBEDDED_MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
+LARGER_MODEL_NAME = "qwen2.5-coder-1.5b-instruct"
 
 
 def _float(env: Mapping[str, str], key: str, default: float) -> float:
@@ -29,6 +30,15 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         return int(env.get(key, default))
     except ValueError:
         raise UserError(f"{key}={env[key]!r} is not a whole number") from None
+
+
+def _flag(env: Mapping[str, str], key: str) -> bool:
+    value = env.get(key, "").strip().lower()
+    if value in {"", "0", "false", "no", "off"}:
+        return False
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    raise UserError(f"{key}={env[key]!r} is not a yes/no value; use 1 or 0")
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,13 @@ class Settings:
     max_retry_wait_s: float = 30.0
     """KEELGRAPH_MAX_RETRY_WAIT: the longest wait between two attempts, in seconds (default 30);
     a `Retry-After` longer than this moves on to the next model instead of waiting."""
+    cascade: bool = False
+    """KEELGRAPH_CASCADE=1: the embedded model hands a turn that keeps failing its contract to a larger
+    local model (Qwen2.5-Coder 1.5B, fetched from PyPI on first use, about 1.1 GB), served by the same
+    llama.cpp process (one model loaded at a time). Embedded model only."""
+    handover_after: int = 2
+    """KEELGRAPH_HANDOVER_AFTER: failed repair attempts of a turn before the cascade hands it to the
+    larger model (default 2)."""
 
     @property
     def embedded(self) -> bool:
@@ -128,6 +145,8 @@ class Settings:
             fallback_base_url=env.get("KEELGRAPH_FALLBACK_BASE_URL") or None,
             model_attempts=_int(env, "KEELGRAPH_MODEL_ATTEMPTS", 3),
             max_retry_wait_s=_float(env, "KEELGRAPH_MAX_RETRY_WAIT", 30.0),
+            cascade=_flag(env, "KEELGRAPH_CASCADE"),
+            handover_after=_int(env, "KEELGRAPH_HANDOVER_AFTER", 2),
         )
 
 
@@ -136,7 +155,7 @@ _VARIABLES = [
     "KEELGRAPH_TIMEOUT", "KEELGRAPH_MAX_TOKENS", "KEELGRAPH_OUTPUT_STRATEGY", "KEELGRAPH_DATA_DIR",
     "KEELGRAPH_DATABASE_URL", "KEELGRAPH_CACHE_DIR", "KEELGRAPH_LLAMA_PORT", "KEELGRAPH_LLAMA_THREADS",
     "KEELGRAPH_LLAMA_CTX", "KEELGRAPH_FALLBACK_MODELS", "KEELGRAPH_FALLBACK_BASE_URL",
-    "KEELGRAPH_MODEL_ATTEMPTS", "KEELGRAPH_MAX_RETRY_WAIT",
+    "KEELGRAPH_MODEL_ATTEMPTS", "KEELGRAPH_MAX_RETRY_WAIT", "KEELGRAPH_CASCADE", "KEELGRAPH_HANDOVER_AFTER",
 ]  # fmt: skip
 """The variables behind `Settings`' fields, in field order (each field's docstring says what it does)."""
 _OTHER_VARIABLES = ["KEELGRAPH_AUTH_TOKENS (serving)", "KEELGRAPH_LOG=json (tracing)"]

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keelgraph import CheckContext, Contract, ContractError, InputRejected, Problem
 from keelgraph.contracts import OutputInvalid
+from keelgraph.contracts.contract import PLAIN_FIX
 from keelgraph.contracts.repair import not_equal_pattern
 
 
@@ -261,7 +262,8 @@ def test_checks_name_the_field_they_object_to() -> None:
         "answer.lines.0.product (check)",
         "answer (check)",
     ]
-    assert problems[4].fix == "use express" and problems[0].fix == "correct the answer"
+    assert problems[4].fix == "use express" and problems[0].fix == "change gift so this no longer holds"
+    assert problems[3].fix == PLAIN_FIX
 
 
 def _parcel_schema() -> dict[str, Any]:

@@ -166,7 +166,7 @@ def test_grammar_safe_keeps_small_counts_and_field_names() -> None:
     assert grammar_safe(schema) == {
         "type": "object",
         "properties": {
-            "pattern": {"type": "string", "pattern": "^[0-9]{2}$"},
+            "pattern": {"type": "string", "pattern": "^[0-9]{2}$", "maxLength": 2},
             "default": {"type": "array", "minItems": 1},
         },
     }

@@ -6,8 +6,8 @@ import keelgraph
 def test_exported_members() -> None:
     assert sorted(keelgraph.__all__) == sorted(
         [
-            "Attempt", "BudgetExceeded", "CheckContext", "Context", "Contract", "ContractError", "Failure", "GraphOptions", "GuardContext",
-            "InputRejected", "KeelgraphError", "ModelUnavailable", "Price", "Problem", "RepairExhausted", "RunError", "Settings", "ToolPolicy", "UserError",
+            "Attempt", "BudgetExceeded", "CheckContext", "Computed", "Context", "Contract", "ContractError", "Failure", "GraphOptions", "GuardContext",
+            "InputRejected", "KeelgraphError", "ModelUnavailable", "Price", "Problem", "RepairExhausted", "RunError", "Settings", "ToolPolicy", "Uncertain", "UserError",
             "__version__", "build_graph", "chat_model", "default_model", "graph_builder", "sqlite_checkpointer",
             "unwrap", "with_policy",
         ]

