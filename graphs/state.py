@@ -85,6 +85,10 @@ class InputState(TypedDict, total=False):
 
     request: Annotated[Any, RequestChannel(Any)]
     """The request: a JSON object (dict) or JSON text. Validated against the contract's input."""
+    request_id: str | None
+    """The caller's id for this request (optional; or `configurable.keelgraph_request_id`): sent
+    again, the same id returns the first result instead of running again, and a turn that was cut
+    off (a crash) goes on where it stopped, so its effects happen once. 1-200 characters."""
 
 
 class OutputState(TypedDict, total=False):
@@ -104,6 +108,8 @@ class OutputState(TypedDict, total=False):
     samples: list[dict[str, Any]]
     """The extra answers sampled for the contract's `judgement` fields this turn (raw text, the
     values of those fields), kept as the record of the vote."""
+    replayed: bool
+    """True when this result is an earlier one, returned again for a re-sent `request_id`."""
 
 
 class State(InputState, OutputState, total=False):
@@ -122,6 +128,11 @@ class State(InputState, OutputState, total=False):
     """How many times `act` ran this turn."""
     answer_only: bool
     """Set when the model must answer now: no more tool calls this turn."""
+    turn_request_id: str | None
+    """The `request_id` this turn was sent with, and `turn_request_sha` the SHA-256 of its request."""
+    turn_request_sha: str
+    answered_requests: dict[str, dict[str, Any]]
+    """The outcomes of the thread's last `ANSWERED_KEPT` finished turns sent with a request id, by id."""
     tool_next: bool
     """Set when a check asked for a tool result that was not there: the next step must call a tool."""
     pins: dict[str, Any]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -14,9 +15,10 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.runtime import Runtime
 
 from keelgraph.contracts.boundary import REFUSED_REQUEST, REQUEST_KEEP_CHARS, refused_record, stored_request
-from keelgraph.contracts.errors import InputRejected
+from keelgraph.contracts.errors import InputRejected, Problem
 from keelgraph.graphs.history import archive_turns, compact
 from keelgraph.graphs.prompt import tagged
+from keelgraph.graphs.reason import route_after_reason
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, State
 from keelgraph.graphs.turn import as_text, zero_stats
@@ -72,6 +74,106 @@ def _rejected_text(raw: Any) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+ANSWERED_KEPT = 64
+"""Finished turns whose outcome a re-sent `request_id` gets back (older ids run again)."""
+REQUEST_ID_MAX = 200
+_FINISHED = frozenset({"ok", "failed", "rejected"})
+_OUTCOME_KEYS = ("status", "output", "error", "stats")
+
+
+def _request_id(state: State) -> tuple[str | None, Problem | None]:
+    """The caller's id for this request: the input's `request_id`, else the run's
+    `configurable.keelgraph_request_id`; a problem when it is not 1-200 printable characters."""
+    value = state.get("request_id")
+    if value is None:
+        try:
+            value = get_config().get("configurable", {}).get("keelgraph_request_id")
+        except RuntimeError:  # outside a graph run
+            value = None
+    if value is None:
+        return None, None
+    if isinstance(value, str) and 0 < len(value) <= REQUEST_ID_MAX and value.isprintable():
+        return value, None
+    return None, Problem(
+        field="request_id",
+        reason=f"must be a string of 1-{REQUEST_ID_MAX} printable characters, got {as_text(value)[:60]}",
+        fix="send a short id of your own (a UUID, say), the same one only when re-sending this request",
+    )
+
+
+def _request_sha(raw: Any) -> str:
+    try:
+        text = json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(type(raw))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _answered(state: State) -> dict[str, dict[str, Any]]:
+    """The thread's kept outcomes, with the turn that just finished added when it had an id."""
+    kept = dict(state.get("answered_requests") or {})
+    previous = state.get("turn_request_id")
+    if previous and state.get("status") in _FINISHED:
+        kept.pop(previous, None)
+        kept[previous] = {
+            **{k: state.get(k) for k in _OUTCOME_KEYS},
+            "sha": state.get("turn_request_sha", ""),
+        }
+    while len(kept) > ANSWERED_KEPT:
+        kept.pop(next(iter(kept)))
+    return kept
+
+
+def _again(state: State, request_id: str, sha: str) -> dict[str, Any] | None:
+    """What a re-sent request gets: the kept outcome (`replayed`), the cut-off turn going on where it
+    stopped, a rejection when the id came with another request, or None: not seen, run it."""
+    current = state.get("turn_request_id") == request_id
+    if current and state.get("status") not in _FINISHED:
+        if state.get("turn_request_sha", "") != sha:
+            return _reused(request_id, state)
+        return {"request_id": None, "replayed": True}  # the same turn goes on: same turn id, same effect keys
+    record = (
+        {**{k: state.get(k) for k in _OUTCOME_KEYS}, "sha": state.get("turn_request_sha", "")}
+        if current
+        else (state.get("answered_requests") or {}).get(request_id)
+    )
+    if record is None:
+        return None
+    if record.get("sha") != sha:
+        return _reused(request_id, state)
+    replay = {"request_id": None, "replayed": True, **{k: record.get(k) for k in _OUTCOME_KEYS}}
+    if current:
+        return replay
+    # The thread's latest outcome becomes this one: keep the turn it replaces in the record first.
+    return {
+        **replay,
+        "answered_requests": _answered(state),
+        "turn_request_id": request_id,
+        "turn_request_sha": sha,
+    }
+
+
+def _reused(request_id: str, state: State) -> dict[str, Any]:
+    """The rejection of an id sent again with another request; the turn it replaces as the thread's
+    latest outcome is kept in the record first, so the first request still gets its result."""
+    problem = Problem(
+        field="request_id",
+        reason=f"request id {request_id!r} was sent before with a different request",
+        fix="send a new request id for a new request; re-send a request only unchanged",
+    )
+    failure = InputRejected([problem]).to_failure().model_dump()
+    return {
+        "request_id": None,
+        "replayed": False,
+        "status": "rejected",
+        "output": None,
+        "error": failure,
+        "answered_requests": _answered(state),
+        "turn_request_id": None,
+        "turn_request_sha": "",
+    }
+
+
 def validate_input(
     state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec
 ) -> dict[str, Any]:
@@ -79,8 +181,18 @@ def validate_input(
 
     Either way the request is appended to the thread exactly as it was sent. Earlier turns move to
     the thread's archive first (see `_compacted`): the state stays the same size as a thread grows.
+
+    A request sent with a `request_id` the thread has seen is not run again (see `_again`): the
+    caller gets the first outcome back (`replayed`), and a turn cut off by a crash goes on.
     """
     raw = state.get("request")
+    request_id, bad_id = _request_id(state)
+    sha = _request_sha(raw)
+    if request_id is not None:
+        again = _again(state, request_id, sha)
+        if again is not None:
+            return again
+    answered = _answered(state)
     compacted = _compacted(state, runtime, spec)
     removed: list[AnyMessage] = compacted.pop("messages", [])
     reset: dict[str, Any] = {
@@ -102,8 +214,15 @@ def validate_input(
         "output": None,
         "error": None,
         "stats": zero_stats(),
+        "request_id": None,
+        "turn_request_id": request_id,
+        "turn_request_sha": sha,
+        "answered_requests": answered,
+        "replayed": False,
     }
     try:
+        if bad_id is not None:
+            raise InputRejected([bad_id])
         value = spec.contract.parse_input(raw)
     except InputRejected as exc:
         message = tagged(HumanMessage(_rejected_text(raw)), "rejected")
@@ -131,10 +250,15 @@ def validate_input(
     return {**reset, "status": "running", "input": request, "messages": messages}
 
 
-def route_after_input(state: State) -> Literal["act", "reason", "__end__"]:
-    """Rejected requests end here; preloaded tools run before the model is asked."""
-    if state.get("status") == "rejected":
+def route_after_input(
+    state: State,
+) -> Literal["act", "reason", "approve", "check_output", "__end__"]:
+    """Rejected requests end here; preloaded tools run before the model is asked. A re-sent
+    request ends with its first outcome, or its cut-off turn goes on at the step it stopped before."""
+    if state.get("status") in _FINISHED:
         return "__end__"
     messages = state.get("messages", [])
     last = messages[-1] if messages else None
+    if state.get("replayed") and isinstance(last, AIMessage):
+        return route_after_reason(state)
     return "act" if isinstance(last, AIMessage) and last.tool_calls else "reason"

@@ -171,6 +171,7 @@ SCRIPT = textwrap.dedent(
     from keelgraph.tools import SqliteLedger, effect_key, with_policy
 
     tmp, phase, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    rid = sys.argv[4] if len(sys.argv) > 4 else None  # the client's request id, "-" for none
 
     class Order(BaseModel):
         item: str
@@ -203,7 +204,13 @@ SCRIPT = textwrap.dedent(
         side_effect="write",
         idempotent=mode == "idempotent",
     )
-    script = [call("place_order", item="tea")] if phase == "crash" else [answer(reply="done")]
+    script = (
+        [call("place_order", item="tea")]
+        if phase == "crash"
+        else [call("place_order", item="tea"), answer(reply="done")]
+        if phase == "resend" and rid == "-"
+        else [answer(reply="done")]
+    )
     graph = build_graph(
         Contract(input=Order, output=Receipt, instructions="Place the order."),
         [tool],
@@ -213,16 +220,17 @@ SCRIPT = textwrap.dedent(
         strategy="json_object",
     )
     config = {"configurable": {"thread_id": "crash"}}
-    result = graph.invoke({"request": {"item": "tea"}} if phase == "crash" else None, config)
+    sent = {"request": {"item": "tea"}, **({"request_id": rid} if rid not in (None, "-") else {})}
+    result = graph.invoke(sent if phase in ("crash", "resend") else None, config)
     tools = [m.content for m in graph.get_state(config).values["messages"] if m.type == "tool"]
     print(json.dumps({"status": result["status"], "tools": tools}))
     """
 )
 
 
-def _phase(tmp: Path, phase: str, mode: str) -> subprocess.CompletedProcess[str]:
+def _phase(tmp: Path, phase: str, mode: str, *rid: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(tmp / "crash.py"), str(tmp), phase, mode],
+        [sys.executable, str(tmp / "crash.py"), str(tmp), phase, mode, *rid],
         capture_output=True,
         text=True,
         timeout=120,
@@ -272,3 +280,30 @@ def test_old_completed_records_are_pruned_and_unknown_ones_kept(tmp_path: Path) 
     assert ledger.lookup("old") is None and ledger.lookup("new") is None
     found = ledger.lookup("open")
     assert found is not None and found.status == "started"  # unknown outcome: kept for a person
+
+
+@pytest.mark.parametrize(
+    ("rid", "orders", "says"),
+    [
+        ("-", 2, "order for tea placed"),  # the control: re-sent without an id, the turn runs again
+        ("req-7f3a", 1, "whether it took effect is unknown"),
+    ],
+)
+def test_a_request_re_sent_with_its_id_after_sigkill_has_no_second_effect(
+    tmp_path: Path, rid: str, orders: int, says: str
+) -> None:
+    """A client that lost its connection to a crashed process sends the same request again, with
+    the same request id: the cut-off turn goes on where it stopped (same turn, same effect key), so
+    the write that may have happened is not done twice; a person is told it is unknown."""
+    (tmp_path / "crash.py").write_text(SCRIPT)
+    crashed = _phase(tmp_path, "crash", "plain", rid)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    again = _phase(tmp_path, "resend", "plain", rid)
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = json.loads(again.stdout.strip().splitlines()[-1])
+    assert out["status"] == "ok"
+    assert says in out["tools"][-1]
+    import sqlite3
+
+    shop = sqlite3.connect(tmp_path / "shop.db")
+    assert shop.execute("SELECT count(*) FROM orders").fetchone()[0] == orders
