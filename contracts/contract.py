@@ -79,8 +79,9 @@ return a `Problem` whose `field` is the path (`Problem(field="gift_wrap", reason
 See `keelgraph.contracts.repair.repair_schema`. Where the check knows the right value, return
 `Computed(field, value, reason)`: it is written in rather than asked for.
 
-A check that reads `ctx.tool_results` while no tool has returned, and complains, is taken to say
-that the answer needs a tool: the next step must call one (see `Review.needs_tool`)."""
+A check that reads `ctx.tool_results` and complains is taken to say that the answer needs tool
+evidence it does not have (no result yet, or not the right one): the next step must call a tool,
+while the turn still offers one (see `Review.needs_tool`)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class Review:
     computed: dict[str, Any] = field(default_factory=dict)
     """Values checks computed for fields (`Computed`), by dotted answer path."""
     needs_tool: bool = False
-    """A failing check read `tool_results` while no tool had returned: the answer needs a tool."""
+    """A failing check read `tool_results`: the answer is judged by tool evidence (none yet, or not
+    the evidence it needs), so the repair step must call a tool while any is still offered."""
     computed_only: bool = False
     """Every problem is a `Computed` one: writing the values in may be the whole repair."""
 
@@ -496,8 +498,8 @@ class Contract(Generic[InT, OutT]):
             if result is None:
                 continue
             items = [result] if isinstance(result, (str, Problem, Computed)) else list(result)
-            if items and watched.read and not ctx.tool_results:
-                needs_tool = True
+            if items and watched.read:
+                needs_tool = True  # judged by tool evidence: more of it may be what fixes the answer
             for item in items:
                 if isinstance(item, Computed):
                     path = item.field.removeprefix("answer.")

@@ -15,6 +15,7 @@ __all__ = [
     "RepairPlan",
     "answer_path",
     "field_paths",
+    "fixed_pattern_excluding",
     "named_field",
     "not_equal_pattern",
     "pin_values",
@@ -134,6 +135,101 @@ def not_equal_pattern(*values: str, banned: str = "") -> str | None:
         return f"({'|'.join(options)})?"
 
     return f"^{group(trie)}$"
+
+
+_ATOM = re.compile(r"(\\d|\\.|\[[^\]^\\]+\]|[A-Za-z0-9 _:/,-])(?:\{(\d{1,2})\})?")
+_RANGE = re.compile(r"(.)-(.)")
+_PLAIN = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+MAX_FIXED_LENGTH = 40
+
+
+def _fixed_classes(pattern: str) -> list[frozenset[str]] | None:
+    """The character sets, position by position, of an anchored fixed-length pattern made of
+    literals, `\\d`, `\\.` and plain classes with counts (`^\\d{4}-\\d{2}-\\d{2}$`, `^[A-Z]{2}[0-9]{6}$`), or None.
+    """
+    if not (pattern.startswith("^") and pattern.endswith("$")):
+        return None
+    body, classes, at = pattern[1:-1], [], 0
+    while at < len(body):
+        found = _ATOM.match(body, at)
+        if found is None:
+            return None
+        atom, count = found.group(1), int(found.group(2) or 1)
+        if atom == "\\d":
+            chars = frozenset("0123456789")
+        elif atom.startswith("\\"):
+            chars = frozenset(atom[1])
+        elif atom.startswith("["):
+            inner, chars = atom[1:-1], frozenset()
+            for lo, hi in _RANGE.findall(inner):
+                chars |= {chr(c) for c in range(ord(lo), ord(hi) + 1)}
+            chars |= set(_RANGE.sub("", inner))
+            if not chars <= _PLAIN | {"-", " ", "_", ".", ":", "/", ","}:
+                return None
+        else:
+            chars = frozenset(atom)
+        classes += [chars] * count
+        at = found.end()
+    return classes if 0 < len(classes) <= MAX_FIXED_LENGTH else None
+
+
+def _class_text(chars: Iterator[str] | frozenset[str] | set[str]) -> str:
+    """A character class for `chars` (runs of letters or digits written as ranges)."""
+    ordered, parts, i = sorted(chars, key=ord), [], 0
+    while i < len(ordered):
+        j = i
+        while (
+            j + 1 < len(ordered) and ord(ordered[j + 1]) == ord(ordered[j]) + 1 and ordered[j + 1] in _PLAIN
+        ):
+            j += 1
+        if ordered[i] in _PLAIN and j - i >= 2:
+            parts.append(f"{ordered[i]}-{ordered[j]}")
+        else:
+            parts += [c for c in ordered[i : j + 1] if c != "-"]
+        i = j + 1
+    return f"[{'-' if '-' in ordered else ''}{''.join(parts)}]"  # "-" first: a literal, not a range
+
+
+def fixed_pattern_excluding(pattern: str, values: Sequence[str]) -> str | None:
+    """A pattern for the strings of the fixed-length `pattern` except `values`, or None when
+    `pattern` is not one (see `_fixed_classes`). The field keeps its shape (an ISO date stays a date)
+    and loses the rejected values: a repair cannot write the same wrong date again.
+
+    >>> p = fixed_pattern_excluding(r"^\\d{4}-\\d{2}-\\d{2}$", ["2026-04-12"])
+    >>> import re; [bool(re.match(p, s)) for s in ("2026-04-12", "2026-03-14", "2026-4-12", "x")]
+    [False, True, False, False]
+    """
+    classes = _fixed_classes(pattern)
+    if classes is None:
+        return None
+    n = len(classes)
+    rejected = [
+        v
+        for v in dict.fromkeys(values)
+        if len(v) == n and all(c in k for c, k in zip(v, classes, strict=True))
+    ]
+
+    def rest(k: int) -> str:
+        return "".join(_class_text(classes[i]) for i in range(k, n))
+
+    def build(k: int, left: list[str]) -> str | None:
+        if not left:
+            return rest(k)
+        if k == n:
+            return None  # this branch spells a rejected value
+        taken = {v[k] for v in left}
+        options = []
+        if others := classes[k] - taken:
+            options.append(_class_text(others) + rest(k + 1))
+        for ch in sorted(taken):
+            if (sub := build(k + 1, [v for v in left if v[k] == ch])) is not None:
+                options.append(_class_text({ch}) + sub)
+        if not options:
+            return None
+        return options[0] if len(options) == 1 else f"({'|'.join(options)})"
+
+    built = build(0, rejected)
+    return None if built is None else f"^{built}$"
 
 
 def _node_at(schema: dict[str, Any], path: Path) -> dict[str, Any] | None:
@@ -264,8 +360,13 @@ def _exclude(node: dict[str, Any], rejected: list[Any]) -> bool:
         banned = _NEGATED.fullmatch(own.replace(JSON_UNSAFE, "")) if own is not None else None
         if own is not None and banned is None:
             # The field's own pattern shapes the value in the grammar (five digits, say): worth more
-            # than ruling one value out, and two patterns do not combine into one.
-            return False
+            # than ruling one value out. A fixed-length one takes the exclusion in (a date that
+            # stays a date and is not the rejected one); other patterns do not combine.
+            fixed = fixed_pattern_excluding(node["pattern"], rejected)
+            if fixed is None:
+                return False
+            node["pattern"] = fixed
+            return True
         pattern = not_equal_pattern(*dict.fromkeys(rejected), banned=banned.group(1) if banned else "")
         if pattern is None:
             return False

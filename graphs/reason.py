@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage
+from langchain_core.tools import BaseTool
 from langgraph.runtime import Runtime
 
 from keelgraph.contracts.boundary import check_value, safe_value
@@ -27,6 +28,7 @@ from keelgraph.graphs.prompt import current_turn, kind_of, tagged
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, State, Stats
 from keelgraph.graphs.turn import failed, with_history, zero_stats
+from keelgraph.tools.execution import policy_of
 
 __all__ = ["reason", "route_after_reason"]
 
@@ -97,6 +99,22 @@ def _rejected_answer(attempt: Mapping[str, Any], spec: AgentSpec) -> dict[str, A
     return decision.answer
 
 
+def _tool_first(
+    state: State, spec: AgentSpec, allowed: list[BaseTool], *, fetched: bool
+) -> tuple[bool, list[BaseTool]]:
+    """Whether this step must call a tool, and the tools it may call."""
+    if spec.contract.needs_tool and not fetched:
+        return bool(allowed), allowed
+    messages = state.get("messages", [])
+    if messages and kind_of(messages[-1]) == "repair" and state.get("tool_next"):
+        # A check judged the answer by tool evidence: look again, with a tool that only reads (a
+        # repair never forces a write), else repair the answer as usual.
+        readers = [t for t in allowed if policy_of(t).side_effect == "read"]
+        if readers:
+            return True, readers
+    return False, allowed
+
+
 def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
     stats: Stats = {**zero_stats(), **state.get("stats", {})}
     if stats["model_calls"] + stats["cache_hits"] >= spec.max_model_calls:
@@ -123,7 +141,7 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         return failed(
             state, state.get("attempts", []), stats, NO_TOOL_RESULT.format(n=state.get("tool_rounds", 0))
         )
-    tool_first = (spec.contract.needs_tool or bool(state.get("tool_next"))) and bool(allowed) and not fetched
+    tool_first, allowed = _tool_first(state, spec, allowed, fetched=fetched)
     plan = _repair_plan(state, spec, answer)
     reply, tried, note = ask(state, spec, answer, allowed, plan, final=not tool_first)
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))

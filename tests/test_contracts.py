@@ -420,9 +420,11 @@ def test_a_repair_schema_rules_out_what_earlier_repairs_were_refused_for_the_sam
 
 
 def test_a_string_keeps_its_own_pattern_in_a_repair() -> None:
-    """Five digits in the grammar are worth more than ruling one value out; a pattern that only bans
-    characters combines with the exclusion."""
-    from keelgraph.contracts.repair import repair_schema
+    """Five digits stay five digits in a repair, less the rejected value (a fixed-length pattern
+    takes the exclusion in); a pattern that only bans characters combines with the exclusion."""
+    import re
+
+    from keelgraph.contracts.repair import fixed_pattern_excluding, repair_schema
 
     class Address(BaseModel):
         postcode: str = Field(pattern=r"^\d{5}$")
@@ -434,7 +436,8 @@ def test_a_string_keeps_its_own_pattern_in_a_repair() -> None:
         Problem(field="answer.city", reason="city is wrong", fix="-"),
     ]
     out = repair_schema(schema, {"postcode": "12345", "city": "Lisboa"}, problems)["properties"]
-    assert out["postcode"]["pattern"] == r"^\d{5}$"
+    assert out["postcode"]["pattern"] == fixed_pattern_excluding(r"^\d{5}$", ["12345"])
+    assert re.match(out["postcode"]["pattern"], "12346") and not re.match(out["postcode"]["pattern"], "12345")
     assert out["city"]["pattern"] == not_equal_pattern("Lisboa", banned="0-9")
     import re
 

@@ -19,6 +19,7 @@ from keelgraph.contracts.repair import pin_values, repair_plan
 from keelgraph.graphs.confirm import JUDGEMENT_TEMPERATURE
 from keelgraph.graphs.reason import NO_TOOL_RESULT
 from keelgraph.testing import ScriptedChatModel, answer, call
+from keelgraph.tools import with_policy
 
 
 class Doc(BaseModel):
@@ -159,6 +160,41 @@ def test_a_check_that_does_not_read_tool_results_does_not_force_a_tool(tmp_path:
     assert "final_answer" in json.dumps(schema_of(model, 1))
 
 
+def doubler(a: int) -> int:
+    return 2 * a
+
+
+def test_a_check_that_wants_other_tool_evidence_gets_a_reading_step_never_a_write(tmp_path: Path) -> None:
+    """Two dependent tools: the model answered after the first one, the check (which reads the
+    tool results) says the answer is not the second tool's: the repair is a tool step, offering
+    only tools that read (the unused `double`), not the write tool `order` nor the answer."""
+
+    def from_double(res: Result, ctx: CheckContext[Sum]) -> str | None:
+        doubled = [r["output"] for r in ctx.tool_results if r["name"] == "double"]
+        return None if res.value in doubled else "value must come from double, called on calculator's result"
+
+    ordered: list[int] = []
+
+    def order(a: int) -> str:
+        ordered.append(a)
+        return "ordered"
+
+    tools = [
+        add_tool(),
+        StructuredTool.from_function(doubler, name="double", description="double a number"),
+        with_policy(StructuredTool.from_function(order, name="order", description="order"), side_effect="write"),
+    ]
+    contract = Contract(input=Sum, output=Result, instructions="Add, then double.", checks=(from_double,))
+    script = [call("calculator", a=2, b=3), answer(value=5), call("double", a=5), answer(value=10)]
+    g, model = graph(contract, script, tmp_path, tools=tools)
+    result = invoke(g, {"a": 2, "b": 3})
+    assert result["status"] == "ok" and result["output"] == {"value": 10}, result["error"]
+    repair_step = json.dumps(schema_of(model, 2))
+    assert '"double"' in repair_step
+    assert "final_answer" not in repair_step and '"order"' not in repair_step and '"calculator"' not in repair_step
+    assert "final_answer" in json.dumps(schema_of(model, 3)) and not ordered
+
+
 def test_needs_tool_with_tools_that_never_return_fails_typed_instead_of_answering(tmp_path: Path) -> None:
     def broken(a: int, b: int) -> int:
         raise RuntimeError("calculator service is down")
@@ -188,6 +224,32 @@ def test_a_rejected_integer_is_ruled_out_in_the_repair_grammar() -> None:
         ]
     }
     assert plan.decisive and plan.schema["properties"]["s"] == {"const": "x"}
+
+
+def test_a_rejected_value_of_a_fixed_shape_field_is_ruled_out_and_the_shape_kept() -> None:
+    """An ISO date with its own pattern: the repair keeps the shape and loses every date rejected
+    this turn (the held-out invoices kept writing the invoice number's "2026-04-12")."""
+    import re
+
+    schema = {
+        "type": "object",
+        "properties": {"day": {"type": "string", "pattern": r"^\d{4}-\d{2}-\d{2}$"}, "s": {"type": "string"}},
+    }
+    problems = [Problem(field="answer.day (c)", reason="not written in the document", fix="fix it")]
+    earlier = [({"day": "2026-04-13", "s": "y"}, problems)]
+    plan = repair_plan(schema, {"day": "2026-04-12", "s": "x"}, problems, earlier=earlier)
+    pattern = plan.schema["properties"]["day"]["pattern"]
+    assert plan.decisive
+    allowed = [
+        d
+        for d in ("2026-04-12", "2026-04-13", "2026-03-14", "2026-4-12", "12.04.2026")
+        if re.match(pattern, d)
+    ]
+    assert allowed == ["2026-03-14"]
+    # Other patterns (open length) still do not combine: the field keeps its own.
+    loose = {"type": "object", "properties": {"w": {"type": "string", "pattern": "^[a-z]+$"}}}
+    wrong = [Problem(field="answer.w (c)", reason="wrong", fix="fix it")]
+    assert repair_plan(loose, {"w": "ab"}, wrong).schema["properties"]["w"]["pattern"] == "^[a-z]+$"
 
 
 def test_pinned_values_reach_list_items_made_tuples() -> None:

@@ -26,6 +26,7 @@ from keelgraph.commands.eval import (
     match,
     parse_case,
     recorded_cases,
+    same_cases,
     score_turn,
 )
 from keelgraph.progress import Progress
@@ -244,6 +245,24 @@ def test_a_degraded_graph_is_a_regression(tmp_path: Path) -> None:
     table = format_table(worse, baseline)
     assert "| oslo | 1 | failed | NO |" in table
     assert "| contract pass rate (turns) | 20.0% | 100.0% |" in table
+
+
+def test_a_run_of_some_cases_is_compared_with_the_baseline_on_those_cases(tmp_path: Path) -> None:
+    """`--case` runs are judged against the baseline's results for the same cases: a subset that
+    holds its own is no regression even when the baseline as a whole scored lower or higher."""
+    cases = load_dataset(_dataset(tmp_path))
+    quiet = io.StringIO()
+    baseline = evaluate(make(), cases, progress=Progress(None, "e", stream=quiet))
+    baseline["cases"][0]["correct"] = False  # the baseline missed "oslo"
+    baseline["cases"][0]["turns"][0]["correct"] = False
+    baseline["summary"]["correct"] = 0.8
+    some = [c for c in cases if c.id in {"cairo", "bad"}]
+    subset = evaluate(make(), some, progress=Progress(None, "e", stream=quiet))
+    assert same_cases(subset, baseline)["correct"] == 1.0 and same_cases(subset, baseline)["cases"] == 2
+    assert compare(subset, baseline) == []
+    worse = evaluate(make(instructions="be careless"), some, progress=Progress(None, "e", stream=quiet))
+    assert "correct" in {r.metric for r in compare(worse, baseline)}
+    assert same_cases(baseline, baseline) == baseline["summary"]
 
 
 def test_thresholds_decide_what_is_a_regression() -> None:

@@ -431,7 +431,7 @@ def compare(
     unknown = set(limits) - known
     if unknown:
         raise UserError(f"unknown threshold(s) {sorted(unknown)}; use {sorted(known)}")
-    now, base = report["summary"], baseline["summary"]
+    now, base = report["summary"], same_cases(report, baseline)
     found: list[Regression] = []
     for metric in ("contract", "correct"):
         if base[metric] - now[metric] > limits[metric] + 1e-9:
@@ -449,6 +449,32 @@ def compare(
             Regression("crashed", base.get("crashed", 0), now["crashed"], "no more than the baseline")
         )
     return found
+
+
+def same_cases(report: Mapping[str, Any], baseline: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The baseline's summary over the cases `report` ran: all of them, or, for a run of some cases
+    (`--case`), the baseline's own results for just those, so a subset is compared like for like."""
+    ran = [c.get("id") for c in report.get("cases", [])]
+    recorded = {c.get("id"): c for c in baseline.get("cases", [])}
+    if not ran or set(ran) == set(recorded) or not set(ran) < set(recorded):
+        return dict(baseline["summary"])
+    turns = [t for i in ran for t in recorded[i].get("turns", [])]
+    n = len(turns) or 1
+    seconds = [float(t.get("seconds", 0.0)) for t in turns]
+    return {
+        **baseline["summary"],
+        "cases": len(ran),
+        "turns": len(turns),
+        "contract": round(sum(bool(t.get("contract")) for t in turns) / n, 4),
+        "correct": round(sum(bool(t.get("correct")) for t in turns) / n, 4),
+        "cases_correct": round(sum(bool(recorded[i].get("correct")) for i in ran) / len(ran), 4),
+        "repairs": round(sum(t.get("repairs", 0) for t in turns) / n, 3),
+        "model_calls": round(sum(t.get("model_calls", 0) for t in turns) / n, 3),
+        "tokens": round(sum(t.get("tokens", 0) for t in turns) / n, 1),
+        "latency_p50": round(statistics.median(seconds) if seconds else 0.0, 3),
+        "latency_p95": round(_quantile(seconds, 0.95), 3),
+        "crashed": sum(t.get("status") == "crashed" for t in turns),
+    }
 
 
 def newly_failing(report: Mapping[str, Any], baseline: Mapping[str, Any]) -> list[str]:
@@ -561,10 +587,11 @@ def format_table(report: Mapping[str, Any], baseline: Mapping[str, Any] | None =
     ]
     lines += ["", _row(["metric", "now", *(["baseline"] if baseline else [])])]
     lines.append(_row(["---", "---:", *(["---:"] if baseline else [])]))
+    base = same_cases(report, baseline) if baseline else {}
     for key, title, fmt in names:
         cells = [title, fmt.format(now[key])]
         if baseline:
-            cells.append(fmt.format(baseline["summary"].get(key, 0)))
+            cells.append(fmt.format(base.get(key, 0)))
         lines.append(_row(cells))
     return "\n".join(lines)
 
