@@ -18,7 +18,6 @@ from keelgraph.contracts.boundary import REFUSED_REQUEST, REQUEST_KEEP_CHARS, re
 from keelgraph.contracts.errors import InputRejected, Problem
 from keelgraph.graphs.history import archive_turns, compact
 from keelgraph.graphs.prompt import tagged
-from keelgraph.graphs.reason import route_after_reason
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, State
 from keelgraph.graphs.turn import as_text, zero_stats
@@ -259,6 +258,9 @@ def route_after_input(
         return "__end__"
     messages = state.get("messages", [])
     last = messages[-1] if messages else None
+    if isinstance(last, AIMessage) and last.tool_calls:
+        # Preloaded tools; or a re-sent turn cut off before its calls ran (or a person's answer).
+        return "approve" if state.get("replayed") and state.get("awaiting_approval") else "act"
     if state.get("replayed") and isinstance(last, AIMessage):
-        return route_after_reason(state)
-    return "act" if isinstance(last, AIMessage) and last.tool_calls else "reason"
+        return "check_output"  # cut off while its answer was being checked
+    return "reason"
