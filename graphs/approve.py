@@ -12,11 +12,12 @@ from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import State
 from keelgraph.graphs.turn import turn_facts, with_history
 from keelgraph.tools.effects import done_before
-from keelgraph.tools.execution import needs_approval
+from keelgraph.tools.execution import policy_of
 from keelgraph.tools.gate import (
     APPROVAL_HOW,
     bind_identity,
     call_key,
+    doubt,
     final_args,
     needs_person,
     read_decisions,
@@ -27,21 +28,23 @@ __all__ = ["approve", "awaiting_approval"]
 
 def awaiting_approval(state: State, spec: AgentSpec, step: AIMessage) -> list[dict[str, Any]]:
     """The calls of `step` that a person must approve, with their final arguments (see
-    `keelgraph.tools.gate.needs_person`). `state` is the turn with its history."""
+    `keelgraph.tools.gate.needs_person`). A call put to a person because the gate doubts it (a
+    `from_user` value read from tool data, a tool outside the turn's scope) carries the reason as
+    `doubt`, so the person knows what to check. `state` is the turn with its history."""
     facts = with_identity(turn_facts(state))
     waiting = []
     for call in step.tool_calls:
         tool = spec.tools.get(call["name"])
-        if tool is None:
+        if tool is None or policy_of(tool).approval == "never":
             continue
+        call_id = str(call["id"])
         args = final_args(tool, call["args"], facts.request, facts.identity)
-        if not needs_approval(tool, args, facts.guard()):
-            continue
         done = done_before(tool, args, facts, spec.ledger_for(tool))
-        if needs_person(
-            tool, str(call["id"]), args, facts, done_before=done, enforce_from_user=spec.refuse_tainted_writes
-        ):
-            waiting.append({"id": call["id"], "name": call["name"], "args": args})
+        enforce = spec.refuse_tainted_writes
+        if needs_person(tool, call_id, args, facts, done_before=done, enforce_from_user=enforce):
+            asked = {"id": call["id"], "name": call["name"], "args": args}
+            why = doubt(tool, call_id, args, facts) if enforce else None
+            waiting.append({**asked, "doubt": why} if why else asked)
     return waiting
 
 
@@ -70,6 +73,9 @@ def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         value = interrupt({"type": "approval", "calls": asked, "problem": problem, "how": APPROVAL_HOW})
         try:
             decided = read_decisions(value, asked)
+            for call in asked:  # what the gate doubted stays with the decision (see `act`)
+                if call.get("doubt"):
+                    decided[str(call["id"])]["doubt"] = call["doubt"]
             break
         except ValueError as exc:
             problem = str(exc)

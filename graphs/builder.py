@@ -115,8 +115,9 @@ class GraphOptions(TypedDict, total=False):
     max_thread_tool_calls: int | None
     """Tool calls run per thread, over all its turns (default None: no limit)."""
     refuse_tainted_writes: bool
-    """Enforce the tool policies' `from_user` arguments: values the user wrote, not a tool result
-    (default True)."""
+    """Enforce the tool policies' `from_user` arguments (values the user wrote, not a tool result)
+    and `scope` (tools the request asks for); a doubtful call goes to a person where the tool's
+    `approval` is not "never", and is refused otherwise (default True)."""
     history_tokens: int | None
     """What the model is shown of earlier turns (requests and answers, newest first), in estimated
     tokens (default 1000). With a store, finished turns move to the thread's archive and the state

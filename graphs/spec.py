@@ -54,7 +54,8 @@ class AgentSpec:
     max_thread_cost: float | None = None
     """Like `max_thread_tokens`, in the currency of `prices`."""
     refuse_tainted_writes: bool = True
-    """Enforce tool policies' `from_user`: those arguments must be values the user wrote."""
+    """Enforce tool policies' `from_user` and `scope` (see `keelgraph.tools.gate.doubt`): a doubtful
+    call goes to a person where the tool's `approval` allows, and is refused otherwise."""
     history_tokens: int | None = 1000
     """What the model is shown of earlier turns (their requests and answers, newest first), up to
     this many estimated tokens. With a store, earlier turns leave the state for the thread's
