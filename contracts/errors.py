@@ -17,6 +17,7 @@ __all__ = [
     "Problem",
     "RepairExhausted",
     "RunError",
+    "ThreadBusy",
     "Uncertain",
     "UserError",
     "explain",
@@ -57,7 +58,9 @@ class Attempt(BaseModel):
 class Failure(BaseModel):
     """A run's typed failure as plain data: stored in the thread and returned over HTTP."""
 
-    type: Literal["InputRejected", "RepairExhausted", "BudgetExceeded", "ModelUnavailable", "Uncertain"]
+    type: Literal[
+        "InputRejected", "RepairExhausted", "BudgetExceeded", "ModelUnavailable", "Uncertain", "ThreadBusy"
+    ]
     code: str
     message: str
     problems: list[Problem] = Field(default_factory=list)
@@ -73,6 +76,8 @@ class Failure(BaseModel):
             return ModelUnavailable([], None, message=self.message)
         if self.type == "Uncertain":
             return Uncertain(self.problems, self.attempts, usage=self.usage, message=self.message)
+        if self.type == "ThreadBusy":
+            return ThreadBusy.from_failure(self)
         return RepairExhausted(self.attempts, usage=self.usage, message=self.message)
 
 
@@ -191,6 +196,84 @@ class Uncertain(RunError):
             attempts=self.attempts,
             usage=self.usage,
         )
+
+
+BusyReason = Literal["held", "lost", "changed"]
+
+
+class ThreadBusy(RunError):
+    """Another run holds the thread, so this turn was refused: one writer per thread.
+
+    `reason` says how it was found: "held" (another run held the thread when this one began, so this
+    run wrote nothing and ran no tools), "lost" (this run's hold on the thread expired while it ran
+    and another run took the thread: this run's later writes were refused) or "changed" (another
+    writer, one that takes no lease, wrote the thread after this run read it). `remaining_s` is how
+    long the other run's hold has left (None when unknown). Retry the turn later (it was not kept),
+    or send each thread's turns through one writer at a time; see `keelgraph.graphs.lease`.
+
+    >>> error = ThreadBusy("t-1", remaining_s=12.5)
+    >>> error.code, error.thread_id
+    ('thread_busy', 't-1')
+    """
+
+    code = "thread_busy"
+
+    def __init__(
+        self,
+        thread_id: str,
+        *,
+        reason: BusyReason = "held",
+        remaining_s: float | None = None,
+        waited_s: float = 0.0,
+        message: str = "",
+    ) -> None:
+        self.thread_id = thread_id
+        self.reason: BusyReason = reason
+        self.remaining_s = remaining_s
+        self.waited_s = waited_s
+        super().__init__(message or self._message())
+
+    def _message(self) -> str:
+        thread = f"thread {self.thread_id!r}"
+        if self.reason == "lost":
+            return (
+                f"{thread} was taken by another run while this one ran (this run's lease expired "
+                "without a write), so this run's later writes were refused and its turn was not kept; "
+                "send the turn again, and raise KEELGRAPH_THREAD_LEASE_S above the slowest step of a turn"
+            )
+        if self.reason == "changed":
+            return (
+                f"{thread} was written by another writer after this run read it, so this run's write "
+                "was refused and its turn was not kept; send the turn again, and write each thread "
+                "through keelgraph's checkpointers only (one writer per thread)"
+            )
+        held = "" if self.remaining_s is None else f" for up to {self.remaining_s:.0f} s more"
+        waited = f" after waiting {self.waited_s:.1f} s" if self.waited_s else ""
+        return (
+            f"{thread} is busy: another run holds it{held}, so this turn was refused{waited} before "
+            "it wrote anything or ran any tool; retry later (or set KEELGRAPH_THREAD_WAIT_S to wait), "
+            "and send each thread's turns through one writer at a time"
+        )
+
+    def to_failure(self) -> Failure:
+        problem = Problem(
+            field="thread_id",
+            reason=f"{self.reason}: {self.thread_id}",
+            fix="retry later, or send each thread's turns through one writer at a time",
+        )
+        return Failure(type="ThreadBusy", code=self.code, message=str(self), problems=[problem])
+
+    @classmethod
+    def from_failure(cls, failure: Failure) -> ThreadBusy:
+        """The error back from its `to_failure()` data.
+
+        >>> again = ThreadBusy("t-1", reason="lost").to_failure().to_exception()
+        >>> type(again).__name__, again.thread_id, again.reason
+        ('ThreadBusy', 't-1', 'lost')
+        """
+        reason, _, thread = failure.problems[0].reason.partition(": ") if failure.problems else ("", "", "")
+        known: BusyReason = "lost" if reason == "lost" else "changed" if reason == "changed" else "held"
+        return cls(thread, reason=known, message=failure.message)
 
 
 Budget = Literal["turn", "thread"]

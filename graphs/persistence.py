@@ -42,6 +42,7 @@ from keelgraph.contracts.boundary import (
     safe_value,
 )
 from keelgraph.contracts.errors import UserError
+from keelgraph.graphs.lease import AsyncLeasedSqliteSaver, LeasedSqliteSaver, LeasePolicy
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -195,15 +196,17 @@ def _digits(value: int) -> int:
     return int(abs(value).bit_length() * 0.30103) + 1
 
 
-def sqlite_checkpointer(path: str | Path) -> SqliteSaver:
-    """A `SqliteSaver` on `path` (created if needed) with WAL, a busy timeout and `synchronous=NORMAL`.
+def sqlite_checkpointer(path: str | Path, *, lease: LeasePolicy | None = None) -> SqliteSaver:
+    """A `SqliteSaver` on `path` (created if needed) with WAL, a busy timeout and `synchronous=NORMAL`,
+    that lets one run at a time write a thread (`keelgraph.graphs.lease`; `lease` defaults to the
+    settings: `KEELGRAPH_THREAD_LEASE_S`, `KEELGRAPH_THREAD_WAIT_S`).
 
     WAL plus NORMAL keeps every committed turn across a process crash and costs one fsync per
     checkpoint batch instead of several; the busy timeout lets several processes share the file.
 
     >>> saver = sqlite_checkpointer(":memory:")
     """
-    saver = SqliteSaver(_sqlite_connect(path), serde=StorableSerializer())
+    saver = LeasedSqliteSaver(_sqlite_connect(path), serde=StorableSerializer(), policy=lease)
     saver.setup()
     return saver
 
@@ -223,9 +226,12 @@ def default_target(kind: Kind = "threads", *, env: Mapping[str, str] | None = No
 
 
 @asynccontextmanager
-async def async_checkpointer(target: str | Path | None = None) -> AsyncIterator[BaseCheckpointSaver[Any]]:
-    """An async checkpointer, set up and closed on exit: `AsyncSqliteSaver` on a file (tuned as
-    `sqlite_checkpointer`) or `AsyncPostgresSaver` on a connection pool for a `postgresql://` URL.
+async def async_checkpointer(
+    target: str | Path | None = None, *, lease: LeasePolicy | None = None
+) -> AsyncIterator[BaseCheckpointSaver[Any]]:
+    """An async checkpointer, set up and closed on exit: an `AsyncSqliteSaver` on a file (tuned as
+    `sqlite_checkpointer`) or an `AsyncPostgresSaver` on a connection pool for a `postgresql://` URL;
+    either lets one run at a time write a thread (`keelgraph.graphs.lease`).
 
     >>> import asyncio, tempfile
     >>> async def main(path: str) -> str:
@@ -233,46 +239,47 @@ async def async_checkpointer(target: str | Path | None = None) -> AsyncIterator[
     ...         return type(saver).__name__
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     asyncio.run(main(f"{tmp}/threads.db"))
-    'AsyncSqliteSaver'
+    'AsyncLeasedSqliteSaver'
     """
     backend, where = _resolve(target, "threads")
     if backend == "sqlite":
-        from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-
         async with _aiosqlite_connect(where) as conn:
-            saver = AsyncSqliteSaver(conn, serde=StorableSerializer())
+            saver = AsyncLeasedSqliteSaver(conn, serde=StorableSerializer(), policy=lease)
             await saver.setup()
             yield saver
         return
-    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+    from keelgraph.graphs._postgres_lease import AsyncLeasedPostgresSaver
 
     async with _async_pool(where) as pool:
-        postgres = AsyncPostgresSaver(pool, serde=StorableSerializer())
+        postgres = AsyncLeasedPostgresSaver(pool, serde=StorableSerializer(), policy=lease)
         async with _async_setup_lock(pool):
             await postgres.setup()
         yield postgres
 
 
 @contextmanager
-def checkpointer(target: str | Path | None = None) -> Iterator[BaseCheckpointSaver[Any]]:
-    """The sync twin of `async_checkpointer`: `sqlite_checkpointer` or `PostgresSaver`, closed on exit.
+def checkpointer(
+    target: str | Path | None = None, *, lease: LeasePolicy | None = None
+) -> Iterator[BaseCheckpointSaver[Any]]:
+    """The sync twin of `async_checkpointer`: `sqlite_checkpointer` or a `PostgresSaver`, closed on
+    exit; either lets one run at a time write a thread (`keelgraph.graphs.lease`).
 
     >>> with checkpointer(":memory:") as saver:
     ...     type(saver).__name__
-    'SqliteSaver'
+    'LeasedSqliteSaver'
     """
     backend, where = _resolve(target, "threads")
     if backend == "sqlite":
-        saver = sqlite_checkpointer(where)
+        saver = sqlite_checkpointer(where, lease=lease)
         try:
             yield saver
         finally:
             saver.conn.close()
         return
-    from langgraph.checkpoint.postgres import PostgresSaver
+    from keelgraph.graphs._postgres_lease import LeasedPostgresSaver
 
     with _pool(where) as pool:
-        postgres = PostgresSaver(pool, serde=StorableSerializer())
+        postgres = LeasedPostgresSaver(pool, serde=StorableSerializer(), policy=lease)
         with _setup_lock(pool):
             postgres.setup()
         yield postgres

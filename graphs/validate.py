@@ -95,16 +95,23 @@ def _request_id(state: State) -> tuple[str | None, Problem | None]:
         return value, None
     return None, Problem(
         field="request_id",
-        reason=f"must be a string of 1-{REQUEST_ID_MAX} printable characters, got {as_text(value)[:60]}",
+        reason=f"must be a string of 1-{REQUEST_ID_MAX} printable characters, got {_shown(value)}",
         fix="send a short id of your own (a UUID, say), the same one only when re-sending this request",
     )
+
+
+def _shown(value: Any) -> str:
+    try:
+        return as_text(value)[:60]
+    except Exception:  # a value whose text cannot be made is named by its type
+        return f"a {type(value).__qualname__}"
 
 
 def _request_sha(raw: Any) -> str:
     try:
         text = json.dumps(raw, sort_keys=True, ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(type(raw))
+    except Exception:  # cycles, deep nesting, an object whose str or repr raises: any request is hashed
+        text = f"<unhashable {type(raw).__qualname__} at {id(raw)}>"
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 

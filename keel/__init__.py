@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         Problem,
         RepairExhausted,
         RunError,
+        ThreadBusy,
         Uncertain,
         UserError,
     )
@@ -49,6 +50,7 @@ __all__ = [
     "RepairExhausted",
     "RunError",
     "Settings",
+    "ThreadBusy",
     "ToolPolicy",
     "Uncertain",
     "UserError",
@@ -80,6 +82,7 @@ _WHERE = {
             "Problem",
             "RepairExhausted",
             "RunError",
+            "ThreadBusy",
             "Uncertain",
             "UserError",
         ),

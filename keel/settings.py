@@ -98,6 +98,13 @@ class Settings:
     handover_after: int = 2
     """KEELGRAPH_HANDOVER_AFTER: failed repair attempts of a turn before the cascade hands it to the
     larger model (default 2)."""
+    thread_lease_s: float = 300.0
+    """KEELGRAPH_THREAD_LEASE_S: how long a turn holds its thread without writing a checkpoint before
+    another run may take it (default 300); keep it above the slowest step of a turn (a model call with
+    its retries). A process killed mid-turn frees its threads after this long."""
+    thread_wait_s: float = 0.0
+    """KEELGRAPH_THREAD_WAIT_S: how long a turn on a thread another run holds waits for it before it
+    is refused with `ThreadBusy` (default 0: refused at once). See `keelgraph.graphs.lease`."""
 
     @property
     def embedded(self) -> bool:
@@ -147,6 +154,8 @@ class Settings:
             max_retry_wait_s=_float(env, "KEELGRAPH_MAX_RETRY_WAIT", 30.0),
             cascade=_flag(env, "KEELGRAPH_CASCADE"),
             handover_after=_int(env, "KEELGRAPH_HANDOVER_AFTER", 2),
+            thread_lease_s=_float(env, "KEELGRAPH_THREAD_LEASE_S", 300.0),
+            thread_wait_s=_float(env, "KEELGRAPH_THREAD_WAIT_S", 0.0),
         )
 
 
@@ -156,6 +165,7 @@ _VARIABLES = [
     "KEELGRAPH_DATABASE_URL", "KEELGRAPH_CACHE_DIR", "KEELGRAPH_LLAMA_PORT", "KEELGRAPH_LLAMA_THREADS",
     "KEELGRAPH_LLAMA_CTX", "KEELGRAPH_FALLBACK_MODELS", "KEELGRAPH_FALLBACK_BASE_URL",
     "KEELGRAPH_MODEL_ATTEMPTS", "KEELGRAPH_MAX_RETRY_WAIT", "KEELGRAPH_CASCADE", "KEELGRAPH_HANDOVER_AFTER",
+    "KEELGRAPH_THREAD_LEASE_S", "KEELGRAPH_THREAD_WAIT_S",
 ]  # fmt: skip
 """The variables behind `Settings`' fields, in field order (each field's docstring says what it does)."""
 _OTHER_VARIABLES = ["KEELGRAPH_AUTH_TOKENS (serving)", "KEELGRAPH_LOG=json (tracing)"]

@@ -236,7 +236,7 @@ def test_targets_come_from_settings() -> None:
 def test_no_target_means_the_data_dir() -> None:
     data_dir = Path(os.environ["KEELGRAPH_DATA_DIR"])  # conftest gives each test its own
     with checkpointer() as saver, store() as memory:
-        assert type(saver).__name__ == "SqliteSaver" and type(memory).__name__ == "SqliteStore"
+        assert type(saver).__name__ == "LeasedSqliteSaver" and type(memory).__name__ == "SqliteStore"
     assert (data_dir / "threads.db").exists() and (data_dir / "store.db").exists()
 
 

@@ -7,7 +7,7 @@ def test_exported_members() -> None:
     assert sorted(keelgraph.__all__) == sorted(
         [
             "Attempt", "BudgetExceeded", "CheckContext", "Computed", "Context", "Contract", "ContractError", "Failure", "GraphOptions", "GuardContext",
-            "InputRejected", "KeelgraphError", "ModelUnavailable", "Price", "Problem", "RepairExhausted", "RunError", "Settings", "ToolPolicy", "Uncertain", "UserError",
+            "InputRejected", "KeelgraphError", "ModelUnavailable", "Price", "Problem", "RepairExhausted", "RunError", "Settings", "ThreadBusy", "ToolPolicy", "Uncertain", "UserError",
             "__version__", "build_graph", "chat_model", "default_model", "graph_builder", "sqlite_checkpointer",
             "unwrap", "with_policy",
         ]
