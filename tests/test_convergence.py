@@ -182,7 +182,9 @@ def test_a_check_that_wants_other_tool_evidence_gets_a_reading_step_never_a_writ
     tools = [
         add_tool(),
         StructuredTool.from_function(doubler, name="double", description="double a number"),
-        with_policy(StructuredTool.from_function(order, name="order", description="order"), side_effect="write"),
+        with_policy(
+            StructuredTool.from_function(order, name="order", description="order"), side_effect="write"
+        ),
     ]
     contract = Contract(input=Sum, output=Result, instructions="Add, then double.", checks=(from_double,))
     script = [call("calculator", a=2, b=3), answer(value=5), call("double", a=5), answer(value=10)]
@@ -191,7 +193,11 @@ def test_a_check_that_wants_other_tool_evidence_gets_a_reading_step_never_a_writ
     assert result["status"] == "ok" and result["output"] == {"value": 10}, result["error"]
     repair_step = json.dumps(schema_of(model, 2))
     assert '"double"' in repair_step
-    assert "final_answer" not in repair_step and '"order"' not in repair_step and '"calculator"' not in repair_step
+    assert (
+        "final_answer" not in repair_step
+        and '"order"' not in repair_step
+        and '"calculator"' not in repair_step
+    )
     assert "final_answer" in json.dumps(schema_of(model, 3)) and not ordered
 
 
