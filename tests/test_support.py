@@ -160,3 +160,32 @@ def test_ticket_for_an_order_the_conversation_is_not_about_is_refused(tmp_path: 
     assert "open_ticket(order_id: 1002, kind:" in model.calls[1]["messages"][0].content
     rows = sqlite3.connect(tmp_path / "shop.db").execute("SELECT order_id FROM tickets").fetchall()
     assert rows == [(1002,)]
+
+
+def test_a_delivery_date_is_caught_whether_the_order_is_named_by_id_or_by_item() -> None:
+    """The eval's "When does my monitor arrive?" was answered "The monitor arrives on 2026-11-20."
+    (the date it was placed): the shop has no delivery dates, so the check refuses it."""
+    from keelgraph import CheckContext
+    from keelgraph.apps.support.desk import (
+        NO_DELIVERY_DATE,
+        NO_DELIVERY_DATES,
+        SupportReply,
+        SupportRequest,
+        claims_are_true,
+    )
+
+    orders = [
+        {"order_id": 1006, "status": "shipped", "total": "349.00 EUR", "items": "27-inch monitor"},
+        {"order_id": 1007, "status": "delivered", "total": "19.99 EUR", "items": "Mouse pad"},
+    ]
+    ctx = CheckContext(
+        input=SupportRequest(message="When does my monitor arrive?"),
+        tool_results=[{"name": "list_orders", "args": {}, "output": {"orders": orders}}],
+    )
+
+    def problems(text: str) -> list[str]:
+        return claims_are_true(SupportReply(reply=text, order_ids=[1006]), ctx)
+
+    assert problems("The monitor arrives on 2026-11-20.") == [NO_DELIVERY_DATE.format(**orders[0])]
+    assert problems("Both will arrive on 2026-11-20.") == [NO_DELIVERY_DATES]
+    assert problems("Order 1006 (27-inch monitor) is shipped; it was placed on 2026-11-20.") == []

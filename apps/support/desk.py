@@ -510,6 +510,7 @@ STATUS_LINE = "Order {order_id} ({items}) is {status}."
 NO_DELIVERY_DATE = (
     "the shop has no delivery date for order {order_id}; do not give a date for it, say that it is {status}"
 )
+NO_DELIVERY_DATES = "the shop has no delivery dates; do not give one, say the order's status instead"
 NOT_ASKED = "the customer asked only about {asked}; leave out order {order_id} ({items})"
 ECHO = "the reply repeats the customer's message; answer it with the facts of their orders"
 
@@ -603,7 +604,12 @@ def claims_are_true(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> l
     known = {o["order_id"]: o for r in ctx.tool_results for o in r["output"].get("orders", [])}
     for sentence in re.split(r"(?<=[.!?;])\s+|\n", text):
         named = [known[int(i)] for i in re.findall(r"\b(\d{4,})\b", sentence) if int(i) in known]
+        if not named:  # "The monitor arrives on ...": an order named by its items
+            named = [o for o in known.values() if _item_words(o) & set(re.findall(r"[a-z]{4,}", sentence))]
+        about_arrival = _ARRIVAL.search(sentence) and not _PLACED.search(sentence)
         if len(named) != 1:
+            if about_arrival and _DATE.search(sentence):
+                problems.append(NO_DELIVERY_DATES)  # a date for no order in particular is no better
             continue  # facts are attributed only where one order is named
         order = named[0]
         for word in _STATUSES:
@@ -613,10 +619,14 @@ def claims_are_true(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> l
         for amount in re.findall(r"\b\d+\.\d{2}\b", sentence):
             if amount != total:
                 problems.append(f"order {order['order_id']} costs {total} EUR, not {amount}")
-        about_arrival = _ARRIVAL.search(sentence) and not _PLACED.search(sentence)
         if about_arrival and _DATE.search(sentence):
             problems.append(NO_DELIVERY_DATE.format(**order))
     return problems
+
+
+def _item_words(order: Mapping[str, Any]) -> set[str]:
+    """The words of an order's items a customer names it by ("monitor", "keyboard")."""
+    return set(re.findall(r"[a-z]{4,}", str(order.get("items", "")).lower())) - {"inch", "with", "pack"}
 
 
 def answers_the_message(reply: SupportReply, ctx: CheckContext[SupportRequest]) -> list[str]:

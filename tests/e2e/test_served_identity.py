@@ -287,3 +287,23 @@ async def test_a_signed_in_user_who_is_no_customer_is_refused_typed(served: Serv
     assert isinstance(ran, dict), ran
     assert ran["__error__"]["error"] == "IdentityRequired", ran
     assert "'carol@example.com' has no customer_id" in ran["__error__"]["message"]
+
+
+async def test_a_re_sent_request_id_returns_the_first_result_over_the_server(
+    served: Served, bob: LangGraphClient
+) -> None:
+    """Client idempotency served (issue 16, item 4): the same `request_id` in the run's input is
+    answered from the first run, without a second turn; another request under it is refused."""
+    thread = (await bob.threads.create())["thread_id"]
+    sent = {"request": {"message": "Where is my order 1004?"}, "request_id": "bob-req-1"}
+    first = await bob.runs.wait(thread, "support", input=sent)
+    again = await bob.runs.wait(thread, "support", input=sent)
+    assert isinstance(first, dict) and isinstance(again, dict)
+    assert first["status"] == again["status"] == "ok" and again["output"] == first["output"]
+    assert again["replayed"] is True and first["replayed"] is False
+    values = (await bob.threads.get_state(thread))["values"]
+    assert isinstance(values, dict) and values["turn"] == 1
+    other = {"request": {"message": "Where is my order 1005?"}, "request_id": "bob-req-1"}
+    refused = await bob.runs.wait(thread, "support", input=other)
+    assert isinstance(refused, dict) and refused["status"] == "rejected"
+    assert [p["field"] for p in refused["error"]["problems"]] == ["request_id"]
