@@ -7,9 +7,10 @@ Then every thread is read back: its latest checkpoint must hold status ok, the a
 four messages (request, tool call, tool result, answer).
 
 A second phase (`--shared K`, 0 turns it off) has every process run turns on K thread ids shared by
-all processes. LangGraph does not lock a thread, so turns that run at once on the same thread fork
-its history and only one branch is the latest: the count of turns the latest checkpoint keeps is
-reported (information about the one-writer discipline, not a failure); exceptions are failures.
+all processes. LangGraph does not lock a thread (turns run at once on it fork its history, and only
+one branch is the latest); keelgraph's checkpointer leases it to one run (`keelgraph.graphs.lease`),
+so each turn is either kept or refused as `ThreadBusy`: a lost turn or a dangling tool call is a
+failure, as is any other exception.
 
 Run:   .venv/bin/python bench/multiprocess_sqlite.py            (8 processes x 100 runs; under a minute)
 Quick: .venv/bin/python bench/multiprocess_sqlite.py --processes 2 --runs 3 --shared-runs 2
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import CONTRACT, keelgraph_step, make_tool, question
 
 from keelgraph import build_graph
+from keelgraph.contracts.errors import ThreadBusy
 from keelgraph.graphs.persistence import sqlite_checkpointer
 from keelgraph.testing import ScriptedChatModel
 
@@ -54,7 +56,7 @@ def graph_on(path: str) -> Any:
 
 def worker(index: int, spec: dict[str, Any], barrier: Any, results: Any) -> None:
     """One process: M runs on its own threads, then its share of the runs on the shared threads."""
-    out: dict[str, Any] = {"index": index, "errors": [], "phases": {}}
+    out: dict[str, Any] = {"index": index, "errors": [], "phases": {}, "busy": 0}
     try:
         run_phases(index, spec, barrier, out)
     except BaseException as exc:  # report it, and release the others from the barrier
@@ -85,6 +87,8 @@ def run_phases(index: int, spec: dict[str, Any], barrier: Any, out: dict[str, An
                 )
                 if result.get("status") != "ok":
                     out["errors"].append(f"{thread_id}: status {result.get('status')}: {result.get('error')}")
+            except ThreadBusy:
+                out["busy"] += 1  # another process holds the thread: refused typed, nothing written
             except Exception as exc:
                 out["errors"].append(f"{thread_id}: {type(exc).__name__}: {exc}")
                 if len(out["errors"]) <= 3:
@@ -120,6 +124,7 @@ def shared_state(db: str, runs: dict[str, int]) -> dict[str, Any]:
         answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
         out[thread_id] = {
             "runs": runs[thread_id],
+            "turns_kept": int(values.get("turn", 0)),  # turns the thread counts (archived ones too)
             "requests_kept": kinds.count("request"),
             "answers_kept": kinds.count("answer"),
             "dangling_tool_calls": sum(
@@ -219,12 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     if report["shared_threads"]:
         total = {k: sum(s[k] for s in shared.values()) for k in ("runs", "requests_kept", "answers_kept")}
         dangling = sum(s["dangling_tool_calls"] for s in shared.values())
+        busy = sum(r.get("busy", 0) for r in reports)
+        lost = total["runs"] - busy - sum(s["turns_kept"] for s in shared.values())
+        report["shared_busy"], report["shared_lost"] = busy, lost
         lines.append(
-            f"shared threads (information, not a failure): {total['runs']} turns from all processes on "
-            f"{len(shared)} threads, {report['shared_threads']['runs_per_s']} runs/s; their latest checkpoints "
-            f"keep {total['requests_kept']} requests, {total['answers_kept']} answers and {dangling} dangling "
-            "tool calls (LangGraph does not lock a thread: concurrent turns on one thread fork its history)"
+            f"shared threads: {total['runs']} turns from all processes on {len(shared)} threads, "
+            f"{report['shared_threads']['runs_per_s']} runs/s; kept {total['requests_kept']} requests and "
+            f"{total['answers_kept']} answers, {busy} refused as ThreadBusy (one writer per thread), "
+            f"{lost} lost, {dangling} dangling tool calls"
         )
+        if lost or dangling:
+            errors.append(f"shared threads: {lost} turns lost, {dangling} dangling tool calls")
     for line in lines + errors[:10] + incomplete[:10]:
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -105,3 +105,6 @@ def test_multiprocess_sqlite_quick(tmp_path: Path) -> None:
     assert report["own_threads"]["runs"] == 6 and report["own_threads"]["runs_per_s"] > 0
     assert report["shared_threads"]["runs"] == 4
     assert sum(s["runs"] for s in report["shared"].values()) == 4
+    # One writer per thread: every shared turn is kept or refused typed, none lost.
+    assert report["shared_lost"] == 0
+    assert report["shared_busy"] + sum(s["turns_kept"] for s in report["shared"].values()) == 4
