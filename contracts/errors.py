@@ -41,8 +41,17 @@ class Problem(BaseModel):
 
 
 AttemptKind = Literal[
-    "output", "check", "parse", "tool_args", "unknown_tool", "repeated_call", "rejected_call", "sample"
+    "output",
+    "check",
+    "parse",
+    "tool_args",
+    "unknown_tool",
+    "repeated_call",
+    "rejected_call",
+    "sample",
+    "no_tool",
 ]
+"""What a failed try got wrong; `no_tool`: it answered where a tool call was required."""
 
 
 class Attempt(BaseModel):

@@ -16,6 +16,7 @@ from langchain_core.tools import BaseTool
 
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
+from keelgraph.graphs.events import ToolFinished, ToolOutcome, ToolStarted, emit
 from keelgraph.graphs.identity import with_identity
 from keelgraph.graphs.model_call import allowed_tools, without_reply
 from keelgraph.graphs.prompt import current_turn, kind_of
@@ -64,10 +65,19 @@ class _Round:
     """Calls that passed every check, to run together: (tool, call id, args, raw)."""
     planned: int = 0
 
-    def refuse(self, call_id: str, name: str, content: str, attempt: dict[str, Any] | None = None) -> None:
+    def refuse(
+        self,
+        call_id: str,
+        name: str,
+        content: str,
+        attempt: dict[str, Any] | None = None,
+        *,
+        outcome: ToolOutcome = "refused",
+    ) -> None:
         if attempt is not None:
             self.attempts.append(attempt)
         self.replies.append(ToolMessage(content, tool_call_id=call_id, name=name, status="error"))
+        emit(_finished(name, call_id, outcome))
 
     def now(self) -> gate.TurnFacts:
         """The facts with the calls run so far in this turn."""
@@ -107,9 +117,10 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
         if doubt:
             # A person turned down what an instruction in tool data asked for: the user's own task
             # goes on (asking again is still refused without asking, and counts as a mistake).
-            rnd.refuse(call_id, name, REJECTED_DOUBT_REPLY.format(reason=rejection, doubt=doubt), attempt)
+            content = REJECTED_DOUBT_REPLY.format(reason=rejection, doubt=doubt)
+            rnd.refuse(call_id, name, content, attempt, outcome="rejected")
             return
-        rnd.refuse(call_id, name, REJECTED_REPLY.format(reason=rejection), attempt)
+        rnd.refuse(call_id, name, REJECTED_REPLY.format(reason=rejection), attempt, outcome="rejected")
         rnd.answer_only = True
         return
     refusal = gate.refusal(tool, args, rnd.now())
@@ -138,6 +149,12 @@ def _one_call(rnd: _Round, call: Mapping[str, Any], spec: AgentSpec, allowed: se
     rnd.ready.append((tool, call_id, args, raw))
 
 
+def _finished(name: str, call_id: str, outcome: ToolOutcome, seconds: float = 0.0) -> ToolFinished:
+    return ToolFinished(
+        keelgraph="phase", phase="tool_finished", name=name, call_id=call_id, outcome=outcome, seconds=seconds
+    )
+
+
 def _run_ready(rnd: _Round, spec: AgentSpec) -> int:
     """Run the calls that passed every check, all at once (they are independent by construction:
     the model asked for them together), on the graph's tool pool and within the turn's deadline;
@@ -153,6 +170,8 @@ def _run_ready(rnd: _Round, spec: AgentSpec) -> int:
                 return run_tool_call(tool, call_id, args)
             return run_once(tool, call_id, args, facts, ledger)
 
+    for tool, call_id, _, _ in rnd.ready:  # emitted here: the tool threads have no run context
+        emit(ToolStarted(keelgraph="phase", phase="tool_started", name=tool.name, call_id=call_id))
     if len(rnd.ready) <= 1:
         outcomes = [run(item) for item in rnd.ready]
     else:
@@ -163,6 +182,7 @@ def _run_ready(rnd: _Round, spec: AgentSpec) -> int:
     failed_runs = 0
     for (_, call_id, args, raw), outcome in zip(rnd.ready, outcomes, strict=True):
         status: Literal["success", "error"] = "success" if outcome.ok else "error"
+        emit(_finished(outcome.name, call_id, outcome.kind, outcome.seconds))
         ran = not outcome.ok and outcome.ran
         failed_runs += ran
         rnd.replies.append(

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.messages import AIMessage
+from langgraph.errors import GraphInterrupt
 from langgraph.types import interrupt
 
+from keelgraph.graphs.events import ApprovalCall, Decided, DecisionData, WaitingForApproval, emit
 from keelgraph.graphs.identity import current_identity, with_identity
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import State
@@ -48,6 +50,24 @@ def awaiting_approval(state: State, spec: AgentSpec, step: AIMessage) -> list[di
     return waiting
 
 
+def _waiting(asked: list[dict[str, Any]], problem: str | None) -> WaitingForApproval:
+    calls: list[ApprovalCall] = []
+    for c in asked:
+        call = ApprovalCall(id=str(c["id"]), name=str(c["name"]), args=dict(c["args"]))
+        if c.get("doubt"):
+            call["doubt"] = str(c["doubt"])
+        calls.append(call)
+    return WaitingForApproval(keelgraph="phase", phase="waiting_for_approval", calls=calls, problem=problem)
+
+
+def _decided(decisions: dict[str, dict[str, Any]]) -> Decided:
+    found = [
+        DecisionData(id=str(cid), name=str(d.get("name", "")), action=str(d["action"]))
+        for cid, d in decisions.items()
+    ]
+    return Decided(keelgraph="phase", phase="decided", decisions=found)
+
+
 def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     """Pause for a person's decision on every call that needs approval (LangGraph `interrupt`).
 
@@ -70,7 +90,11 @@ def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     problem = None
     decided: dict[str, dict[str, Any]] = {}
     while asked:  # each pass is one interrupt; a resume value that cannot be read is asked again
-        value = interrupt({"type": "approval", "calls": asked, "problem": problem, "how": APPROVAL_HOW})
+        try:
+            value = interrupt({"type": "approval", "calls": asked, "problem": problem, "how": APPROVAL_HOW})
+        except GraphInterrupt:  # the run pauses now (on resume `interrupt` returns the person's answer)
+            emit(_waiting(asked, problem))
+            raise
         try:
             decided = read_decisions(value, asked)
             for call in asked:  # what the gate doubted stays with the decision (see `act`)
@@ -83,6 +107,8 @@ def approve(state: State, *, spec: AgentSpec) -> dict[str, Any]:
     for decision in decided.values():  # an edit cannot move an argument bound to the signed-in user
         decision["args"] = {**decision["args"], **bind_identity(spec.tools[decision["name"]], identity)}
     decisions.update(decided)
+    if decisions:
+        emit(_decided(decisions))
     edited = {cid: d["args"] for cid, d in decisions.items() if d["action"] == "edit"}
     update: dict[str, Any] = {
         "approvals": {**state.get("approvals", {}), **decisions},

@@ -22,6 +22,7 @@ from keelgraph.graphs.act import act, route_after_act
 from keelgraph.graphs.approve import approve
 from keelgraph.graphs.check import check_output, route_after_check
 from keelgraph.graphs.confirm import confirm
+from keelgraph.graphs.events import reported
 from keelgraph.graphs.prompt import tool_args_schema
 from keelgraph.graphs.reason import reason, route_after_reason
 from keelgraph.graphs.spec import AgentSpec
@@ -291,14 +292,15 @@ def graph_builder(
     spec = agent_spec(contract, tools, model=model, **options)
     builder = StateGraph(State, context_schema=Context, input_schema=InputState, output_schema=OutputState)
     configure_from_env()
-    # Each node logs one record (and an OpenTelemetry span) per run: see `keelgraph.runtime.observability`.
-    builder.add_node("validate_input", traced("validate_input", partial(validate_input, spec=spec)))
+    # Each node logs one record (and an OpenTelemetry span) per run: see `keelgraph.runtime.observability`;
+    # a node whose update ends the turn streams the `output` and `final` events (`graphs.events`).
+    builder.add_node("validate_input", traced("validate_input", reported(partial(validate_input, spec=spec))))
     # No retry_policy: the node retries and fails over itself (see `model_call.ask`), once per request.
-    builder.add_node("reason", traced("reason", partial(reason, spec=spec)))
+    builder.add_node("reason", traced("reason", reported(partial(reason, spec=spec))))
     builder.add_node("approve", traced("approve", partial(approve, spec=spec)))
-    builder.add_node("act", traced("act", partial(act, spec=spec)))
-    builder.add_node("check_output", traced("check_output", partial(check_output, spec=spec)))
-    builder.add_node("confirm", traced("confirm", partial(confirm, spec=spec)))
+    builder.add_node("act", traced("act", reported(partial(act, spec=spec))))
+    builder.add_node("check_output", traced("check_output", reported(partial(check_output, spec=spec))))
+    builder.add_node("confirm", traced("confirm", reported(partial(confirm, spec=spec))))
     builder.add_edge(START, "validate_input")
     builder.add_conditional_edges("validate_input", route_after_input)
     builder.add_conditional_edges("reason", route_after_reason, ["approve", "act", "check_output", END])

@@ -10,8 +10,10 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langgraph.runtime import Runtime
 
 from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid, Review
-from keelgraph.contracts.decision import ANSWER
+from keelgraph.contracts.decision import ANSWER, AnswerChoice, DecisionError, read_decision
 from keelgraph.contracts.errors import Problem
+from keelgraph.contracts.parsing import ParseError, parse_json
+from keelgraph.graphs.events import Repairing, emit, problems_of
 from keelgraph.graphs.model_call import cache_write, without_reply
 from keelgraph.graphs.prompt import kind_of, tagged
 from keelgraph.graphs.spec import AgentSpec
@@ -27,6 +29,13 @@ CORRECTION = (
 )
 """The correction prompt: the exact problems (validation errors and check complaints, each with its
 fix) are what the model is told, then the request again; no paraphrase of our own in between."""
+CORRECTION_TOOL = (
+    "A reply to this request was rejected:\n{problems}\n"
+    "Reply again to the request, with a tool call first: {request}\n"
+    'Reply with one JSON object: {{"action": "<tool name>", "args": {{...}}}}.'
+)
+"""The correction of an answer given where a tool call was required (`no_tool`): it asks for the
+call, not for an answer."""
 PASTES_TOOL_OUTPUT = "it pastes raw tool output"
 OWN_WORDS = "state the facts in your own words"
 ECHOES_CORRECTION = "it repeats the correction instead of answering"
@@ -130,6 +139,31 @@ def ship(state: State, spec: AgentSpec, output: Any, stats: Stats) -> dict[str, 
     }
 
 
+def _carried(candidate: dict[str, Any], attempts: list[dict[str, Any]], spec: AgentSpec) -> dict[str, Any]:
+    """Required fields a repair left out that the rejected answer before it had, where no problem
+    named them: carried over rather than refused again. Without a grammar (prompted JSON) a small
+    model told to fix one field often writes only that field; what it wrote before and nobody
+    objected to still stands. Never a field a problem named (those must be written anew)."""
+    if not attempts or attempts[-1].get("kind") not in {"output", "check"}:
+        return {}
+    try:
+        decision = read_decision(parse_json(str(attempts[-1].get("raw", ""))).value, frozenset(spec.tools))
+    except (ParseError, DecisionError):
+        return {}
+    previous = decision.answer if isinstance(decision, AnswerChoice) else None
+    if not isinstance(previous, dict):
+        return {}
+    required = spec.contract.output_schema().get("required", [])
+    named = {str(p.get("field", "")) for p in attempts[-1].get("problems", [])}
+    return {
+        name: previous[name]
+        for name in required
+        if name not in candidate
+        and name in previous
+        and not any(f == name or f.startswith((f"{name}.", f"answer.{name}")) for f in named)
+    }
+
+
 def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) -> dict[str, Any]:
     """Validate the candidate answer: schema first, then semantic checks. Failures become repairs.
 
@@ -145,6 +179,9 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     output = None
     if not problems:
         candidate = pending.get("answer")
+        if isinstance(candidate, dict) and (kept := _carried(candidate, state.get("attempts", []), spec)):
+            candidate = {**candidate, **kept}
+            stats["recoveries"] += 1
         if contract.derive is not None and isinstance(candidate, dict):
             derived = contract.derive(dict(candidate), check_context(state, runtime, contract, spec))
             if derived != candidate:
@@ -183,9 +220,19 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
             "cache_writes": writes,
             **failed(state, attempts, stats, f"no valid answer: {why}"),
         }
+    emit(
+        Repairing(
+            keelgraph="phase",
+            phase="repairing",
+            attempt=len(attempts),
+            kind=kind,
+            problems=problems_of(problems),
+        )
+    )
     lines = "\n".join(f"- {p.line()}" for p in problems)
     request = next((m for m in reversed(state.get("messages", [])) if kind_of(m) == "request"), None)
-    text = CORRECTION.format(problems=lines, request=request.content if request else "", answer=ANSWER)
+    template = CORRECTION_TOOL if kind == "no_tool" else CORRECTION
+    text = template.format(problems=lines, request=request.content if request else "", answer=ANSWER)
     correction = tagged(HumanMessage(text), "repair")
     answer_only = bool(state.get("answer_only")) or (kind == "output" and state.get("tool_rounds", 0) > 0)
     return {

@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
     import aiosqlite
 
-__all__ = ["LEASE_KEY", "AsyncLeasedSqliteSaver", "Hold", "LeasePolicy", "LeasedSqliteSaver"]
+__all__ = ["LEASE_KEY", "AsyncLeasedSqliteSaver", "Hold", "LeasePolicy", "LeasedSqliteSaver", "holder_alive"]
 
 LEASE_KEY = "__keelgraph_lease"
 """The run's `Hold` in its config's `configurable` ("__": LangGraph keeps it out of checkpoint metadata)."""
@@ -313,6 +313,13 @@ def _process_alive(owner: str) -> bool:
     except (OSError, IndexError):  # not ours to signal, or unreadable: assume it runs
         return True
     return True
+
+
+def holder_alive(owner: str) -> bool:
+    """Whether the run that holds a lease (the `owner` column of `keelgraph_thread_leases`) may still
+    be running: False only when its process ran on this machine and is gone. A server that keeps
+    its own record of running runs (`keelgraph.serving.aegra`) uses it to tell a dead run's thread."""
+    return _process_alive(owner)
 
 
 def _state(pid: int) -> str:

@@ -3,10 +3,12 @@ failed over."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +17,25 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import Runnable, RunnableBinding
 from langchain_core.tools import BaseTool
 
-from keelgraph.contracts.decision import ANSWER, Strategy, decision_schema, inline_refs
+from keelgraph.contracts.decision import ANSWER, Strategy, decision_schema, grammar_safe, inline_refs
 from keelgraph.contracts.errors import ModelUnavailable
 from keelgraph.contracts.repair import RepairPlan
+from keelgraph.graphs.events import draft_config
 from keelgraph.graphs.prompt import render, system_prompt, tool_args_schema
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import ModelAttempt, State
 from keelgraph.graphs.turn import answered_position, guard_context, stuck
 from keelgraph.runtime.cache import cache_key, effective_temperature
-from keelgraph.runtime.models import http_status, is_malformed, is_transient, model_label
+from keelgraph.runtime.models import (
+    ModelChain,
+    http_status,
+    is_malformed,
+    is_transient,
+    model_label,
+    refuses_required_choice,
+    remember_tool_choice,
+    tool_choice_for,
+)
 from keelgraph.tools.execution import allowed_values, policy_of
 
 __all__ = [
@@ -104,17 +116,24 @@ def bind(
     schemas: dict[str, dict[str, Any]],
     *,
     final: bool = True,
+    choice: str | None = None,
 ) -> Runnable[LanguageModelInput, BaseMessage]:
+    """`model` bound to ask for one step under `strategy`. For `tool_calling`, `choice` names the
+    one tool the model must call (default: any tool, as the endpoint accepts it; see
+    `keelgraph.runtime.models.tool_choice_for`). Schemas go out grammar-safe on every path: servers
+    compile tool parameters into grammars too (a `maxLength` of 1,000 crashed llama-cpp-python's
+    server), and the contract checks the original schema anyway."""
     if strategy == "tool_calling":
         answer_tool = {
             "type": "function",
             "function": {
                 "name": ANSWER,
                 "description": "Give the final answer. Call this once, when you are done.",
-                "parameters": inline_refs(answer),
+                "parameters": grammar_safe(inline_refs(answer)),
             },
         }
-        choice = "required" if allowed else ANSWER
+        if choice is None:
+            choice = tool_choice_for(model) if allowed else ANSWER
         # The tools as the grammar paths show them: without `from_identity` arguments, and with the
         # policy's allowed values for this context, so no strategy asks the model who is acting.
         tools: list[dict[str, Any]] = [
@@ -123,7 +142,7 @@ def bind(
                 "function": {
                     "name": tool.name,
                     "description": tool.description,
-                    "parameters": inline_refs(schemas.get(tool.name) or tool_args_schema(tool)),
+                    "parameters": grammar_safe(inline_refs(schemas.get(tool.name) or tool_args_schema(tool))),
                 },
             }
             for tool in allowed
@@ -175,10 +194,13 @@ def prompt_messages(
     answer: dict[str, Any],
     allowed: list[BaseTool],
     schemas: dict[str, dict[str, Any]],
+    *,
+    final: bool = True,
 ) -> list[BaseMessage]:
-    """The messages the model is sent now, under the active strategy."""
+    """The messages the model is sent now, under the active strategy (`final=False`: a step that
+    must call a tool, see `ask`)."""
     strategy = spec.active_strategy
-    system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas)
+    system = system_prompt(spec.contract.instructions, answer, allowed, strategy, schemas, final=final)
     return render(state.get("messages", []), system, strategy)
 
 
@@ -241,6 +263,97 @@ def without_reply(entries: Sequence[dict[str, Any]], message_id: str | None) -> 
     return [e for e in entries if e.get("id") != message_id]
 
 
+_LEAKED = re.compile(r"^\s*functions\.([A-Za-z0-9_.\-]+):?\s*(\{.*\})?\s*$", re.DOTALL)
+
+
+def _leaked_call(reply: BaseMessage, names: set[str], pinned: Callable[[str], BaseMessage]) -> BaseMessage:
+    """A tool call the endpoint wrote as text, made a tool call.
+
+    With `tool_choice="auto"`, llama-cpp-python's `chatml-function-calling` handler can return the
+    call's own syntax as the message text (`functions.get_order:`, with or without the arguments).
+    Arguments present: they become the call. Only the name (one of `names`): the model chose that
+    tool, so it is asked again with the choice pinned to it (`pinned(name)`, one more request).
+    Any other text is left as it is.
+    """
+    if not isinstance(reply, AIMessage) or not isinstance(reply.content, str):
+        return reply
+    found = _LEAKED.match(reply.content)
+    if found is None or found.group(1) not in names:
+        return reply
+    name, raw = found.group(1), found.group(2)
+    if raw is not None:
+        try:
+            args = json.loads(raw)
+        except ValueError:
+            args = None
+        if isinstance(args, dict):
+            call = {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
+            return AIMessage("", tool_calls=[call], usage_metadata=reply.usage_metadata,
+                             response_metadata=reply.response_metadata)  # fmt: skip
+    return pinned(name)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One step asked of one model: what `bind` needs, and the sampling temperature."""
+
+    model: BaseChatModel
+    strategy: Strategy
+    schema: dict[str, Any]
+    allowed: list[BaseTool]
+    schemas: dict[str, dict[str, Any]]
+    final: bool
+    heat: float | None
+
+    def bound(self, choice: str | None = None) -> Runnable[LanguageModelInput, BaseMessage]:
+        out = bind(self.model, self.strategy, self.schema, self.allowed, self.schemas, final=self.final,
+                   choice=choice)  # fmt: skip
+        return out if self.heat is None else out.bind(temperature=self.heat)
+
+    def invoke(
+        self, bound: Runnable[LanguageModelInput, BaseMessage], prompt: list[BaseMessage]
+    ) -> BaseMessage:
+        reply = bound.invoke(prompt, draft_config())  # streamed tokens are drafts (`graphs.events`)
+        if self.strategy == "tool_calling" and isinstance(reply, AIMessage) and not reply.tool_calls:
+            names = {t.name for t in self.allowed} | ({ANSWER} if self.final or not self.allowed else set())
+            reply = _leaked_call(reply, names, lambda tool: self.bound(tool).invoke(prompt, draft_config()))
+        return reply
+
+
+def _probe_choice(
+    exc: BaseException, strategy: Strategy, allowed: list[BaseTool], model: BaseChatModel
+) -> bool:
+    """Whether to ask again with `tool_choice="auto"`: the endpoint may refuse "required"
+    (llama-cpp-python answers it with a bare 500). The probe's answer settles it for the process."""
+    if (
+        strategy != "tool_calling"
+        or not allowed
+        or not refuses_required_choice(exc)
+        or tool_choice_for(model) != "required"
+    ):
+        return False
+    remember_tool_choice(model, required_refused=True)
+    return True
+
+
+def _retry_wait(
+    chain: ModelChain, position: int, exc: BaseException, failed: int, malformed: int
+) -> float | None:
+    """Seconds to wait before asking the same model again, or None to move on to the next one.
+    A malformed body is a provider fault worth one more try; a second one moves on."""
+    name = model_label(chain.model(position))
+    wait = None if malformed > 1 else chain.wait(exc, failed)
+    if wait is None:
+        if position + 1 < len(chain.models):
+            _log.warning(
+                "keelgraph: model %s failed (%s, %d request(s)); failing over to %s",
+                name, type(exc).__name__, failed, model_label(chain.model(position + 1)),
+            )  # fmt: skip
+        return None
+    _log.info("keelgraph: model %s: %s; retrying in %.2f s", name, type(exc).__name__, wait)
+    return wait
+
+
 def ask(
     state: State,
     spec: AgentSpec,
@@ -267,49 +380,54 @@ def ask(
     schemas = offered_schemas(state, allowed)
     tried: list[ModelAttempt] = []
     last: BaseException | None = None
+    repairs = len(state.get("attempts") or [])
     for position in range(first_position(state, spec), len(chain.models)):
         model = chain.model(position)
         name = model_label(model)
         failed = malformed = 0
+        refused: str | None = None  # the text of the last 500, to tell a refusal from a fault
+        probed = probing = False  # asking with tool_choice="auto" after "required" failed, once
         while True:
             strategy = spec.active_strategy
-            prompt = prompt_messages(state, spec, answer, allowed, schemas)
+            prompt = prompt_messages(state, spec, answer, allowed, schemas, final=final)
             began = time.monotonic()
             try:
-                bound = bind(model, strategy, plan.schema if plan else answer, allowed, schemas, final=final)
-                heat = temperature
-                if heat is None:
-                    heat = repair_temperature(model, plan, len(state.get("attempts") or []))
-                if heat is not None:
-                    bound = bound.bind(temperature=heat)
+                heat = temperature if temperature is not None else repair_temperature(model, plan, repairs)
+                request = _Request(
+                    model, strategy, plan.schema if plan else answer, allowed, schemas, final, heat
+                )
+                bound = request.bound()
                 note, cached = _cache_lookup(spec, model, bound, prompt)
                 if cached is not None:
                     hit = _record(name, position, began)
                     return cached, [{**hit, "outcome": "cached"}], note
-                reply = bound.invoke(prompt)
+                reply = request.invoke(bound, prompt)
             except Exception as exc:
-                # An endpoint that refuses this way of asking (no json_schema, no tools) gets the next
-                # one, once per graph.
-                if spec.fall_back(exc) is not None:
+                if not probed and _probe_choice(exc, strategy, allowed, model):
+                    probed = probing = True
                     continue
+                if probing:
+                    remember_tool_choice(model, required_refused=False)  # "auto" failed too: a fault
+                    probing = False
+                # An endpoint that refuses this way of asking (no json_schema, no tools, or the same
+                # 500 twice) gets the next one, once per graph.
+                repeated = http_status(exc) == 500 and str(exc) == refused
+                if spec.fall_back(exc, repeated=repeated) is not None:
+                    continue
+                refused = str(exc) if http_status(exc) == 500 else None
                 tried.append(_record(name, position, began, exc))
                 if not is_transient(exc):
                     raise
                 last, failed = exc, failed + 1
                 malformed += is_malformed(exc)
-                # A malformed body is a provider fault worth one more try; a second one moves on.
-                wait = None if malformed > 1 else chain.wait(exc, failed)
+                wait = _retry_wait(chain, position, exc, failed, malformed)
                 if wait is None:
-                    if position + 1 < len(chain.models):
-                        _log.warning(
-                            "keelgraph: model %s failed (%s, %d request(s)); failing over to %s",
-                            name, type(exc).__name__, failed, model_label(chain.model(position + 1)),
-                        )  # fmt: skip
                     break
                 tried[-1]["wait_s"] = round(wait, 3)
-                _log.info("keelgraph: model %s: %s; retrying in %.2f s", name, type(exc).__name__, wait)
                 time.sleep(wait)
                 continue
+            if probing:
+                _log.warning('keelgraph: %s refused tool_choice="required"; asking with "auto" now', name)
             tried.append(_record(name, position, began))
             return reply, tried, note
     assert last is not None  # every position made at least one request

@@ -436,9 +436,11 @@ def _require_postgres() -> None:
         import langgraph.store.postgres  # noqa: F401
         import psycopg_pool  # noqa: F401
     except ImportError as exc:
+        from keelgraph.settings import install_hint
+
         raise UserError(
             f"PostgreSQL persistence needs the postgres extra ({exc.name} is missing): "
-            "pip install 'keelgraph[postgres]'"
+            + install_hint("postgres")
         ) from None
 
 

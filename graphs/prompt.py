@@ -83,16 +83,39 @@ def describe_fields(schema: Mapping[str, Any], indent: str = "  ") -> str:
     return "\n".join(lines)
 
 
+def _signatures(tools: Sequence[BaseTool], schemas: Mapping[str, Mapping[str, Any]] | None) -> list[str]:
+    lines = []
+    for tool in tools:
+        args = (schemas or {}).get(tool.name) or tool_args_schema(tool)
+        sig = ", ".join(f"{k}: {_type_of(v)}" for k, v in args.get("properties", {}).items())
+        lines.append(f"- {tool.name}({sig}): {tool.description.strip()}")
+    return lines
+
+
 def system_prompt(
     instructions: str,
     answer_schema: Mapping[str, Any],
     tools: Sequence[BaseTool],
     strategy: Strategy,
     schemas: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    final: bool = True,
 ) -> str:
+    """The system message: the contract's instructions, then how to reply under `strategy`. With
+    `final=False` and tools (a step that must call one: `Contract.needs_tool`, or a check that asked
+    for tool evidence) the JSON strategies show the tool-call form only: prompted JSON has no grammar
+    to stop an answer, and a small model shown both forms answers."""
     answer = inline_refs(answer_schema)
     parts = [instructions.strip(), ""]
-    if strategy == "tool_calling":
+    if strategy != "tool_calling" and tools and not final:
+        parts.append("Work in steps. Each reply is exactly one JSON object and nothing else.")
+        parts.append(
+            'Now call a tool (the answer comes after its result): {"action": "<tool name>", "args": {...}}'
+        )
+        parts.append("")
+        parts.append("Tools:")
+        parts.extend(_signatures(tools, schemas))
+    elif strategy == "tool_calling":
         parts.append(
             f"Call a tool when you need facts you do not have. When you are done, call `{ANSWER}` "
             "with the answer fields:"
@@ -107,10 +130,7 @@ def system_prompt(
         if tools:
             parts.append("")
             parts.append("Tools:")
-            for tool in tools:
-                args = (schemas or {}).get(tool.name) or tool_args_schema(tool)
-                sig = ", ".join(f"{k}: {_type_of(v)}" for k, v in args.get("properties", {}).items())
-                parts.append(f"- {tool.name}({sig}): {tool.description.strip()}")
+            parts.extend(_signatures(tools, schemas))
         else:
             parts.append("")
             parts.append(f"No tools are available now: reply with {ANSWER}.")
@@ -163,7 +183,12 @@ def render(messages: Sequence[AnyMessage], system: str, strategy: Strategy) -> l
             out.append(HumanMessage(str(msg.content)))
         elif isinstance(msg, AIMessage):
             if strategy == "tool_calling":
-                out.append(AIMessage(content=str(msg.content), tool_calls=msg.tool_calls))
+                # A tool-call message with no text goes out as `content: null`, which some servers
+                # (llama-cpp-python's, for one) refuse: say in words what is being called.
+                text = str(msg.content) or (
+                    f"Calling {', '.join(c['name'] for c in msg.tool_calls)}." if msg.tool_calls else ""
+                )
+                out.append(AIMessage(content=text, tool_calls=msg.tool_calls))
             elif msg.tool_calls:
                 steps = [{"action": c["name"], "args": c["args"]} for c in msg.tool_calls]
                 out.append(AIMessage(json.dumps(steps[0] if len(steps) == 1 else steps)))

@@ -22,6 +22,7 @@ from keelgraph.contracts.repair import RepairPlan, pin_values, repair_plan
 from keelgraph.graphs.approve import awaiting_approval
 from keelgraph.graphs.budgets import account, over_budget
 from keelgraph.graphs.check import check_context
+from keelgraph.graphs.events import Decision, ModelFinished, ModelStarted, emit
 from keelgraph.graphs.history import dangling_calls
 from keelgraph.graphs.model_call import allowed_tools, ask
 from keelgraph.graphs.prompt import current_turn, kind_of, tagged
@@ -56,10 +57,41 @@ def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: Agent
     else:
         out = _reason(state, runtime, spec)
     step = (out.get("messages") or [None])[-1]
+    if "usage" in out:  # the model answered (a step that failed before asking it has no usage)
+        emit(_model_finished(out, step))
     waiting: list[str] = []
     if out.get("status") != "failed" and isinstance(step, AIMessage) and step.tool_calls:
         waiting = [str(c["id"]) for c in awaiting_approval(state, spec, step)]
     return {**out, "awaiting_approval": waiting}
+
+
+def _model_started(state: State, stats: Stats) -> ModelStarted:
+    messages = state.get("messages", [])
+    return ModelStarted(
+        keelgraph="phase",
+        phase="model_started",
+        call=stats["model_calls"] + stats["cache_hits"] + 1,
+        repair=bool(messages) and kind_of(messages[-1]) == "repair",
+    )
+
+
+def _model_finished(out: Mapping[str, Any], step: Any) -> ModelFinished:
+    """What the model wrote, as a kind of step: never the text itself, which may yet be rejected."""
+    stats = out.get("stats") or {}
+    pending = out.get("pending") or {}
+    calls = step.tool_calls if isinstance(step, AIMessage) else []
+    decision: Decision = "answer" if "answer" in pending else "invalid" if pending else "tool_calls"
+    tried = (stats.get("model_attempts") or [{}])[-1]
+    return ModelFinished(
+        keelgraph="phase",
+        phase="model_finished",
+        call=int(stats.get("model_calls", 0)) + int(stats.get("cache_hits", 0)),
+        model=str(stats.get("model", "")),
+        decision=decision,
+        tools=[str(c["name"]) for c in calls] if decision == "tool_calls" else [],
+        cached=tried.get("outcome") == "cached",
+        seconds=float(tried.get("seconds", 0.0)),
+    )
 
 
 def _repair_plan(state: State, spec: AgentSpec, answer: dict[str, Any]) -> RepairPlan | None:
@@ -115,6 +147,20 @@ def _tool_first(
     return False, allowed
 
 
+def _answered_early(raw: str, allowed: list[BaseTool]) -> dict[str, Any]:
+    """The repair of an answer given where a tool call was required (`Contract.needs_tool`, or a
+    check that asked for tool evidence). Grammar paths cannot write one; prompted JSON and an
+    endpoint that takes only `tool_choice="auto"` can, and it must not reach the checks as if it
+    rested on a tool result."""
+    names = ", ".join(f"`{t.name}`" for t in allowed)
+    problem = Problem(
+        field="action",
+        reason="answered without calling a tool; this answer must rest on a tool's result",
+        fix=f"call {names} first (a tool call, not a final answer), then answer from what it returns",
+    )
+    return {"problems": [problem.model_dump()], "kind": "no_tool", "raw": raw}
+
+
 def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
     stats: Stats = {**zero_stats(), **state.get("stats", {})}
     if stats["model_calls"] + stats["cache_hits"] >= spec.max_model_calls:
@@ -142,8 +188,10 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
             state, state.get("attempts", []), stats, NO_TOOL_RESULT.format(n=state.get("tool_rounds", 0))
         )
     tool_first, allowed = _tool_first(state, spec, allowed, fetched=fetched)
-    plan = _repair_plan(state, spec, answer)
-    reply, tried, note = ask(state, spec, answer, allowed, plan, final=not tool_first)
+    emit(_model_started(state, stats))
+    reply, tried, note = ask(
+        state, spec, answer, allowed, _repair_plan(state, spec, answer), final=not tool_first
+    )
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))
     update: dict[str, Any] = {"stats": stats, "usage": account(stats, spec, ai, tried, note)}
     raw = ai.content if isinstance(ai.content, str) else json.dumps(ai.content)
@@ -174,6 +222,8 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         if answers:
             raw = json.dumps(answers[0]["args"])
             step = tagged(AIMessage(raw, id=msg_id), "candidate")
+            if tool_first:
+                return {**update, "messages": [step], "pending": _answered_early(raw, allowed)}
             return {
                 **update,
                 "messages": [step],
@@ -195,6 +245,8 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
     stats["recoveries"] += recoveries
     if isinstance(decision, AnswerChoice):
         step = tagged(AIMessage(raw, id=msg_id), "candidate")
+        if tool_first:
+            return {**update, "messages": [step], "pending": _answered_early(raw, allowed)}
         return {**update, "messages": [step], "pending": {"answer": decision.answer, "raw": raw}}
     call = {
         "name": decision.name,

@@ -122,9 +122,10 @@ class AgentSpec:
         """The strategy in use: the first one the endpoint has not refused."""
         return self._moved[-1] if self._moved else self.strategy
 
-    def fall_back(self, error: BaseException) -> Strategy | None:
-        """Move to the next strategy if `error` says the endpoint does not support this one."""
-        if not refuses_feature(error):
+    def fall_back(self, error: BaseException, *, repeated: bool = False) -> Strategy | None:
+        """Move to the next strategy if `error` says the endpoint does not support this one, or is
+        a 500 that came back identical (`repeated`): some servers refuse a feature that way."""
+        if not (refuses_feature(error) or repeated):
             return None
         chain = [self.strategy, *self.fallbacks]
         index = chain.index(self.active_strategy)

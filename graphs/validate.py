@@ -16,6 +16,7 @@ from langgraph.runtime import Runtime
 
 from keelgraph.contracts.boundary import REFUSED_REQUEST, REQUEST_KEEP_CHARS, refused_record, stored_request
 from keelgraph.contracts.errors import InputRejected, Problem
+from keelgraph.graphs.events import InputChecked, ProblemData, emit, problems_of
 from keelgraph.graphs.history import archive_turns, compact
 from keelgraph.graphs.prompt import tagged
 from keelgraph.graphs.spec import AgentSpec
@@ -180,6 +181,10 @@ def _reused(request_id: str, state: State) -> dict[str, Any]:
     }
 
 
+def _checked(valid: bool, problems: list[ProblemData], *, replayed: bool = False) -> InputChecked:
+    return InputChecked(keelgraph="phase", phase="input", valid=valid, problems=problems, replayed=replayed)
+
+
 def validate_input(
     state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec
 ) -> dict[str, Any]:
@@ -197,6 +202,9 @@ def validate_input(
     if request_id is not None:
         again = _again(state, request_id, sha)
         if again is not None:
+            refused = problems_of((again.get("error") or {}).get("problems") or [])
+            valid = again.get("status") != "rejected"
+            emit(_checked(valid, [] if valid else refused, replayed=bool(again.get("replayed"))))
             return again
     answered = _answered(state)
     compacted = _compacted(state, runtime, spec)
@@ -231,6 +239,7 @@ def validate_input(
             raise InputRejected([bad_id])
         value = spec.contract.parse_input(raw)
     except InputRejected as exc:
+        emit(_checked(False, problems_of(exc.problems)))
         message = tagged(HumanMessage(_rejected_text(raw)), "rejected")
         return {
             **reset,
@@ -238,6 +247,7 @@ def validate_input(
             "error": exc.to_failure().model_dump(),
             "messages": [*removed, message],
         }
+    emit(_checked(True, []))
     message = tagged(HumanMessage(spec.contract.render_input(value)), "request")
     request = value.model_dump(mode="json")
     messages: list[AnyMessage] = [*removed, message]

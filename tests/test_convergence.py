@@ -382,7 +382,7 @@ def test_a_model_that_repeats_its_rejected_answer_hands_the_turn_to_the_next_mod
 
 
 def test_the_cascade_serves_both_local_models_from_one_process(tmp_path: Path) -> None:
-    from keelgraph.local.embedded import EMBEDDED_MODEL, LARGER_MODEL, LocalModelServer
+    from keelgraph.local.embedded import EMBEDDED_MODEL, LARGER_MODEL, LocalModelServer, tools_alias
     from keelgraph.runtime.models import default_chain
     from keelgraph.settings import LARGER_MODEL_NAME, Settings
 
@@ -390,11 +390,13 @@ def test_the_cascade_serves_both_local_models_from_one_process(tmp_path: Path) -
     settings = Settings.from_env(env)
     assert settings.cascade and settings.handover_after == 3
     server = LocalModelServer(settings)
-    assert server.names == [settings.model, LARGER_MODEL_NAME]
-    args = server._model_args([tmp_path / "small.gguf", tmp_path / "large.gguf"])
+    # The embedded model, the larger one, and the embedded one again with native tool calling.
+    assert server.names == [settings.model, LARGER_MODEL_NAME, tools_alias(settings.model)]
+    args = server._model_args([tmp_path / "small.gguf", tmp_path / "large.gguf", tmp_path / "small.gguf"])
     assert args[0] == "--config_file"
     config = json.loads(Path(args[1]).read_text())
     assert [m["model_alias"] for m in config["models"]] == server.names  # one process, swapped on request
+    assert [m.get("chat_format") for m in config["models"]] == [None, None, "chatml-function-calling"]
     assert config["host"] == "127.0.0.1" and config["port"] == server.port
     chain = default_chain(settings)
     assert len(chain.models) == 2 and chain.handover_after == 3

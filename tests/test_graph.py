@@ -383,7 +383,8 @@ def _hot(forecast: Forecast, ctx: Any) -> str | None:
     [
         (
             "output schema",
-            [answer(city="Oslo", celsius=99), answer(city="Oslo"), answer(celsius=1)],
+            # The third leaves out `city`, which nobody objected to: carried over, still refused (99).
+            [answer(city="Oslo", celsius=99), answer(city="Oslo"), answer(celsius=99)],
             ["output", "output", "output"],
             "repair budget of 2 spent",
             BUDGET_2,

@@ -28,7 +28,7 @@ from keelgraph.local.processes import (
     stop_group,
 )
 from keelgraph.progress import Progress as ProgressBar
-from keelgraph.settings import EMBEDDED_MODEL_NAME, LARGER_MODEL_NAME, Settings
+from keelgraph.settings import EMBEDDED_MODEL_NAME, LARGER_MODEL_NAME, Settings, install_hint
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -37,6 +37,7 @@ __all__ = [
     "EmbeddedModel",
     "LocalModelServer",
     "ensure_model_file",
+    "tools_alias",
 ]
 
 Progress = Callable[[str], None]
@@ -329,6 +330,21 @@ def ensure_model_file(
         return target
 
 
+TOOLS_SUFFIX = "+tools"
+
+
+def tools_alias(model: str) -> str:
+    """The name under which the embedded server serves `model` with native tool calling
+    (llama-cpp-python's `chatml-function-calling` chat format: `tools` and `tool_choice` as an
+    OpenAI endpoint takes them), for `KEELGRAPH_OUTPUT_STRATEGY=tool_calling` on the embedded model.
+    The same weights: the server swaps formats on request (about a second for the 0.5B model)."""
+    return f"{model}{TOOLS_SUFFIX}"
+
+
+def _base_name(name: str) -> str:
+    return name.removesuffix(TOOLS_SUFFIX)
+
+
 def _answers(url: str, model_name: str, timeout_s: float = 2.0) -> bool:
     try:
         reply = httpx.get(f"{url}/models", timeout=timeout_s)
@@ -364,8 +380,10 @@ class LocalModelServer:
 
     @property
     def names(self) -> list[str]:
-        """The model names this server answers to: the embedded model, and the cascade's larger one."""
-        return [self.settings.model, *([LARGER_MODEL_NAME] if self.settings.cascade else [])]
+        """The model names this server answers to: the embedded model, the cascade's larger one,
+        and the embedded model again with native tool calling (`tools_alias`)."""
+        first = [self.settings.model, *([LARGER_MODEL_NAME] if self.settings.cascade else [])]
+        return [*first, tools_alias(self.settings.model)]
 
     def _serves_all(self, timeout_s: float = 2.0) -> bool:
         return all(_answers(self.url, name, timeout_s) for name in self.names)
@@ -378,11 +396,12 @@ class LocalModelServer:
             import llama_cpp.server  # noqa: F401
         except ImportError:
             raise UserError(
-                "the embedded model needs llama-cpp-python: run `bash .ci/setup` (or "
-                "`pip install 'keelgraph[local]'`), or set KEELGRAPH_BASE_URL to another endpoint"
+                f"the embedded model needs llama-cpp-python (the local extra, built from source in about "
+                f"9 minutes): {install_hint('local')}; or set KEELGRAPH_BASE_URL to another endpoint"
             ) from None
         paths = [
-            ensure_model_file(self.settings, self.progress, MODELS.get(n, EMBEDDED_MODEL)) for n in self.names
+            ensure_model_file(self.settings, self.progress, MODELS.get(_base_name(n), EMBEDDED_MODEL))
+            for n in self.names
         ]
         with file_lock(self.settings.cache_dir / "server.lock"):
             if self._serves_all():
@@ -394,9 +413,11 @@ class LocalModelServer:
                 if self._serves_all(timeout_s=30.0):
                     return self.url
                 if _answers(self.url, name, timeout_s=2.0):
+                    missing = [n for n in self.names if not _answers(self.url, n, timeout_s=2.0)]
                     raise UserError(
-                        f"the model server on port {self.port} serves {name} but not the cascade's "
-                        f"{LARGER_MODEL_NAME}; stop it, or set KEELGRAPH_LLAMA_PORT to another port"
+                        f"the model server on port {self.port} serves {name} but not "
+                        f"{', '.join(missing)} (an older keelgraph, or another configuration started it); "
+                        "stop it, or set KEELGRAPH_LLAMA_PORT to another port"
                     )
                 self.port = free_port()
             log = self.settings.cache_dir / f"llama-server-{self.port}.log"
@@ -431,7 +452,12 @@ class LocalModelServer:
             "host": "127.0.0.1",
             "port": self.port,
             "models": [
-                {"model": str(path), "model_alias": alias, **own}
+                {
+                    "model": str(path),
+                    "model_alias": alias,
+                    **own,
+                    **({"chat_format": "chatml-function-calling"} if alias.endswith(TOOLS_SUFFIX) else {}),
+                }
                 for path, alias in zip(paths, self.names, strict=True)
             ],
         }

@@ -21,7 +21,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from keelgraph.contracts.errors import ModelUnavailable, UserError
-from keelgraph.local.embedded import LocalModelServer
+from keelgraph.local.embedded import LocalModelServer, tools_alias
 from keelgraph.settings import LARGER_MODEL_NAME, Settings
 from keelgraph.tools.retry import Backoff, retry_after
 
@@ -41,6 +41,7 @@ __all__ = [
     "output_cap",
     "price_of",
     "retry_after",
+    "tool_choice_for",
 ]
 
 ModelSource = BaseChatModel | Callable[[], BaseChatModel]
@@ -94,7 +95,9 @@ def default_model() -> BaseChatModel:
             settings = Settings.from_env()
             if settings.embedded:
                 url = LocalModelServer(settings).start()
-                _DEFAULT.append(chat_model(settings, base_url=url))
+                # Native tool calling on the embedded model asks the server's tool-calling alias.
+                name = tools_alias(settings.model) if settings.output_strategy == "tool_calling" else None
+                _DEFAULT.append(chat_model(settings, base_url=url, model=name))
             else:
                 _DEFAULT.append(chat_model(settings))
         return _DEFAULT[0]
@@ -171,6 +174,39 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSPORT_ERRORS):
         return True
     return isinstance(exc, ModelError) and exc.is_retryable
+
+
+_REQUIRED_REFUSED: set[tuple[str, str]] = set()
+"""Endpoints (base URL, model) that refused `tool_choice="required"`: asked with "auto" since."""
+
+
+def _endpoint(model: BaseChatModel) -> tuple[str, str]:
+    base = str(getattr(model, "openai_api_base", "") or getattr(model, "base_url", "") or "")
+    return base, model_label(model)
+
+
+def tool_choice_for(model: BaseChatModel) -> str:
+    """How `model`'s endpoint is asked to call one of several tools: "required" (OpenAI's value),
+    or "auto" once the endpoint refused "required" (llama-cpp-python's server answers it with a
+    500; some others with a 400 naming `tool_choice`). Remembered per endpoint for the process."""
+    return "auto" if _endpoint(model) in _REQUIRED_REFUSED else "required"
+
+
+def refuses_required_choice(exc: BaseException) -> bool:
+    """Whether an error may be an endpoint refusing `tool_choice="required"`: a 4xx that names
+    `tool_choice`, or a 500 (which is what llama-cpp-python answers, with an empty message)."""
+    status = http_status(exc)
+    if status == 500:
+        return True
+    return status in {400, 404, 422} and "tool_choice" in str(exc)
+
+
+def remember_tool_choice(model: BaseChatModel, required_refused: bool) -> None:
+    """Record whether `model`'s endpoint refuses `tool_choice="required"` (see `tool_choice_for`)."""
+    if required_refused:
+        _REQUIRED_REFUSED.add(_endpoint(model))
+    else:
+        _REQUIRED_REFUSED.discard(_endpoint(model))
 
 
 @dataclass(frozen=True)

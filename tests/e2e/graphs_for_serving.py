@@ -1,7 +1,8 @@
 """Served test graphs: one whose model always breaks the contract (RepairExhausted over HTTP, as
 data), one whose write tool needs a person's approval (interrupt and resume over HTTP), one that
-says which requests its model was shown (memory across runs), and the main graph with its scripted
-model (deterministic and instant: auth, restarts, load)."""
+says which requests its model was shown (memory across runs), the main graph with its scripted
+model (deterministic and instant: auth, restarts, load), and one whose turn has a tool call, an
+approval and a repair (its phases streamed as custom events)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,42 @@ memory = build_graph(
 
 support_scripted = make_graph(model=scripted_desk(), checkpointer=None)
 """The main graph (order support) with the scripted desk model instead of the embedded model."""
+
+
+def lookup(order_id: int) -> str:
+    """Look up an order."""
+    return f"order {order_id}: 2 mugs, 30.00 EUR"
+
+
+def _says_what_was_refunded(out: Done, ctx: Any) -> str | None:
+    return None if "refunded" in out.reply else "reply must say what was refunded"
+
+
+def _stream_script(messages: list[BaseMessage]) -> dict[str, Any]:
+    last = str(messages[-1].content)
+    if "was rejected" in last:
+        return answer(reply="refunded 30.00 on the order")
+    if "Data from refund" in last:
+        return answer(reply="all done")  # fails the check once: a repair
+    if "Data from lookup" in last:
+        return call("refund", amount=30)
+    return call("lookup")
+
+
+streaming = build_graph(
+    Contract(input=Ask, output=Done, instructions="Handle refunds.", checks=[_says_what_was_refunded]),
+    [
+        with_policy(StructuredTool.from_function(lookup, name="lookup"), from_input=("order_id",)),
+        with_policy(
+            StructuredTool.from_function(refund, name="refund"),
+            side_effect="write",
+            approval="always",
+            from_input=("order_id",),
+        ),
+    ],
+    model=ScriptedChatModel([_stream_script], repeat_last=True),
+    strategy="json_object",
+    checkpointer=None,
+    name="streaming",
+)
+"""A turn with a tool call, an approval and a repair: its phases streamed as custom events."""
