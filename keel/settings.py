@@ -11,7 +11,7 @@ from typing import Any, cast, get_args
 from keelgraph.contracts.decision import Strategy
 from keelgraph.contracts.errors import UserError
 
-__all__ = ["EMBEDDED_MODEL_NAME", "LARGER_MODEL_NAME", "Settings"]
+__all__ = ["EMBEDDED_MODEL_NAME", "LARGER_MODEL_NAME", "Settings", "install_hint"]
 
 _STRATEGIES: tuple[str, ...] = get_args(Strategy)
 EMBEDDED_MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
@@ -169,3 +169,60 @@ _VARIABLES = [
 ]  # fmt: skip
 """The variables behind `Settings`' fields, in field order (each field's docstring says what it does)."""
 _OTHER_VARIABLES = ["KEELGRAPH_AUTH_TOKENS (serving)", "KEELGRAPH_LOG=json (tracing)"]
+
+
+def _installed_from() -> dict[str, Any]:
+    """keelgraph's `direct_url.json` (PEP 610: the folder, wheel or git URL pip installed it from)."""
+    import json
+    from importlib.metadata import distributions
+
+    for dist in distributions(name="keelgraph"):
+        text = dist.read_text("direct_url.json")
+        if text:
+            try:
+                found = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(found, dict):
+                return found
+    return {}
+
+
+def install_hint(extra: str, *, installed_from: Mapping[str, Any] | None = None) -> str:
+    """The command that installs keelgraph's optional `extra` where this keelgraph came from: the
+    clone it is an editable install of, the wheel file or the git URL pip recorded, else both ways.
+    keelgraph is not on PyPI, so a hint never names the bare `keelgraph[...]` (anyone could
+    publish a package under that name). Every "install this" message is written here.
+
+    >>> install_hint("serve", installed_from={"url": "file:///src/kg", "dir_info": {"editable": True}})
+    "pip install -e '/src/kg[serve]' --config-settings editable_mode=strict (or bash /src/kg/.ci/setup: every extra)"
+    """
+    import shlex
+    from importlib.metadata import PackageNotFoundError, version
+    from urllib.parse import unquote, urlsplit
+
+    info = _installed_from() if installed_from is None else installed_from
+    url = str(info.get("url", ""))
+    vcs = info.get("vcs_info")
+    if isinstance(vcs, dict) and url:
+        ref = vcs.get("requested_revision") or vcs.get("commit_id")
+        requirement = f"keelgraph[{extra}] @ {vcs.get('vcs', 'git')}+{url}" + (f"@{ref}" if ref else "")
+        return f"pip install {shlex.quote(requirement)} (from the repository keelgraph was installed from)"
+    if url.startswith("file://"):
+        path = unquote(urlsplit(url).path)
+        if isinstance(info.get("dir_info"), dict):
+            editable = info["dir_info"].get("editable")
+            flags = "-e " if editable else ""
+            strict = " --config-settings editable_mode=strict" if editable else ""
+            where = f" (or bash {shlex.quote(path + '/.ci/setup')}: every extra)" if editable else ""
+            return f"pip install {flags}{shlex.quote(f'{path}[{extra}]')}{strict}{where}"
+        requirement = f"keelgraph[{extra}] @ {url}"
+        return f"pip install {shlex.quote(requirement)} (the wheel keelgraph was installed from)"
+    try:
+        wheel = f"keelgraph-{version('keelgraph')}-py3-none-any.whl"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        wheel = "keelgraph-VERSION-py3-none-any.whl"
+    return (
+        f"in a clone of keelgraph: pip install -e '.[{extra}]' (or bash .ci/setup, every extra); "
+        f"from a wheel: pip install 'keelgraph[{extra}] @ file:///path/to/{wheel}'"
+    )

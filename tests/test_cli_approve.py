@@ -41,13 +41,13 @@ def test_ask_waits_then_approve_with_an_edit(
             answer(reply="I opened ticket 1 for order 1002.", order_ids=[1002]),
         ],
     )
-    assert main(["ask", "--thread", "t", ASK]) == EXIT_WAITING
+    assert main(["ask", "--json", "--thread", "t", ASK]) == EXIT_WAITING
     out, err = capsys.readouterr()
     waiting = json.loads(out)
-    assert waiting["status"] == "waiting" and waiting["approval"]["calls"][0]["name"] == "open_ticket"
+    assert waiting["status"] == "waiting" and waiting["interrupts"][0]["calls"][0]["name"] == "open_ticket"
     assert "keelgraph approve --thread t" in err
     assert _tickets(data) == []  # nothing happened while waiting
-    assert main(["approve", "--thread", "t", "--edit", '{"note": "keys broken, box crushed"}']) == 0
+    assert main(["approve", "--json", "--thread", "t", "--edit", '{"note": "keys broken, box crushed"}']) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["output"]["ticket_id"] == 1
     assert _tickets(data) == [(1002, "keys broken, box crushed")]
@@ -65,9 +65,9 @@ def test_approve_reject(
             answer(reply="A colleague will look at order 1002 first.", order_ids=[1002]),
         ],
     )
-    assert main(["ask", "--thread", "t", ASK]) == EXIT_WAITING
+    assert main(["ask", "--json", "--thread", "t", ASK]) == EXIT_WAITING
     capsys.readouterr()
-    assert main(["approve", "--thread", "t", "--reject", "send a photo first"]) == 0
+    assert main(["approve", "--json", "--thread", "t", "--reject", "send a photo first"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["status"] == "ok" and result["output"]["action"] == "none"
     assert _tickets(data) == []

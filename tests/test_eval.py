@@ -15,7 +15,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import BaseModel, Field
 
 from keelgraph import Contract, UserError, build_graph, with_policy
-from keelgraph.commands.cli import EXIT_ERROR, main
+from keelgraph.commands.cli import EXIT_ERROR, EXIT_GRAPH, EXIT_REGRESSION, main
 from keelgraph.commands.eval import (
     Case,
     Turn,
@@ -377,7 +377,7 @@ def test_cli_saves_a_baseline_then_fails_on_a_degraded_prompt(
 
     code = main(_eval(tmp_path, "--baseline", str(baseline), "--instructions", "be careless"))
     shown = capsys.readouterr()
-    assert code == 1
+    assert code == EXIT_REGRESSION
     assert "REGRESSION against the baseline:" in shown.out
     assert "contract: 1.0 -> 0.2" in shown.out
     assert "cases correct in the baseline, not now: oslo, cairo, two-turns" in shown.out
@@ -421,10 +421,10 @@ def test_cli_usage_errors_are_clear(
 def test_cli_refuses_a_graph_it_cannot_load_or_instruct(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["eval", "--graph", "no.such.module:make"]) == EXIT_ERROR
+    assert main(["eval", "--graph", "no.such.module:make"]) == EXIT_GRAPH
     assert "cannot import no.such.module" in capsys.readouterr().err
-    assert main(["eval", "--graph", "tests.test_eval:nothing"]) == EXIT_ERROR
-    assert "has no callable nothing" in capsys.readouterr().err
+    assert main(["eval", "--graph", "tests.test_eval:nothing"]) == EXIT_GRAPH
+    assert "has no 'nothing'" in capsys.readouterr().err
     assert main(["eval", "--graph", "tests.test_eval:_dataset", "--instructions", "x"]) == EXIT_ERROR
     assert "takes no `instructions` argument" in capsys.readouterr().err
     not_a_report = tmp_path / "x.json"
@@ -461,7 +461,7 @@ def test_cli_replays_recorded_threads_against_a_new_prompt(
     ]
     assert main([*replay, "--min-correct", "1"]) == 0
     assert "| replay-real-1 | 2 | ok,ok | yes |" in capsys.readouterr().out
-    assert main([*replay, "--min-correct", "1", "--instructions", "careless"]) == 1
+    assert main([*replay, "--min-correct", "1", "--instructions", "careless"]) == EXIT_REGRESSION
     shown = capsys.readouterr().out
     assert "BELOW --min-correct: 0.0% of turns correct, 100.0% required" in shown
     report = json.loads((tmp_path / "r.json").read_text())

@@ -35,6 +35,7 @@ from keelgraph.graphs.memory import (
     vector_connect,
 )
 from keelgraph.graphs.persistence import async_store, store
+from keelgraph.settings import install_hint
 from keelgraph.testing import ScriptedChatModel, answer
 
 pytestmark = pytest.mark.skipif(
@@ -202,7 +203,7 @@ def test_missing_packages_are_a_typed_error_with_the_fix(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "pysqlite3" else real(name, *a)
     )
-    with pytest.raises(MemoryUnavailable, match=r"pysqlite3-binary .*pip install 'keelgraph\[memory\]'"):
+    with pytest.raises(MemoryUnavailable, match=r"pysqlite3-binary .*" + re.escape(install_hint("memory"))):
         vector_connect(tmp_path / "x.db")
     with pytest.raises(MemoryUnavailable), store(tmp_path / "x.db", index=index_config()):
         pass
@@ -299,7 +300,9 @@ def test_the_desk_remembers_a_preference_in_one_thread_and_uses_it_in_another(tm
 
 def test_the_readme_example_runs_as_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)[2]
+    [block] = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "keelgraph-memory-example.db" in b
+    ]
     block = block.replace("/tmp/keelgraph-memory-example.db", str(tmp_path / "example.db"))
     exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out.splitlines() == [

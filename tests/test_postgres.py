@@ -6,6 +6,7 @@ import asyncio
 import doctest
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import keelgraph.testing.postgres
 from keelgraph import Contract, InputRejected, UserError, build_graph, unwrap
 from keelgraph.graphs import persistence
 from keelgraph.graphs.persistence import async_checkpointer, async_store, checkpointer, default_target, store
+from keelgraph.settings import install_hint
 from keelgraph.testing import ScriptedChatModel, answer, call
 from keelgraph.testing.postgres import LocalPostgres, find_pg_bin
 from keelgraph.tools import MemoryLedger, with_policy
@@ -251,7 +253,7 @@ async def test_unknown_schemes_are_user_errors() -> None:
 def test_a_missing_postgres_extra_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "psycopg_pool", None)
     with (
-        pytest.raises(UserError, match=r"pip install 'keelgraph\[postgres\]'"),
+        pytest.raises(UserError, match=re.escape(install_hint("postgres"))),
         checkpointer("postgresql://x/y"),
     ):
         pass

@@ -12,69 +12,103 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from keelgraph.contracts.errors import KeelgraphError, UserError
+from keelgraph.commands.exits import ExitCode, exit_code_table
+from keelgraph.commands.target import DEFAULT_GRAPH, GraphNotLoaded, load_factory, load_graph, request_from
+from keelgraph.contracts.errors import KeelgraphError, ThreadBusy, UserError
 from keelgraph.settings import Settings
 
-EXIT_OK = 0
-EXIT_REGRESSION = 1
-"""`eval`: the run regressed against its baseline (or scored under `--min-correct`)."""
-EXIT_REJECTED = 2
-"""`ask`/`approve`: the request was rejected (`InputRejected`)."""
-EXIT_FAILED = 3
-"""`ask`/`approve`: the turn ended in a typed failure (repairs or a budget spent)."""
-EXIT_WAITING = 4
-"""`ask`/`approve`: the run waits for a person's decision (`keelgraph approve`)."""
-EXIT_NOT_FOUND = 5
-"""`history`: no such thread; `token revoke`: no such token."""
-EXIT_USAGE = 64
-"""The command line itself is wrong (argparse's usage errors; 2 would collide with a rejection)."""
-EXIT_ERROR = 78
-"""keelgraph refused to run: a configuration or developer mistake, or a thread not in the state the
-command needs; the message says what to do."""
-
-EXIT_CODES = {
-    EXIT_OK: "ok",
-    EXIT_REGRESSION: "eval regressed",
-    EXIT_REJECTED: "request rejected",
-    EXIT_FAILED: "typed failure",
-    EXIT_WAITING: "waiting for a person",
-    EXIT_NOT_FOUND: "nothing found",
-    EXIT_USAGE: "usage error",
-    EXIT_ERROR: "configuration or usage mistake reported by keelgraph",
-}
-DEFAULT_GRAPH = "keelgraph.apps.support.desk:make_graph"
+EXIT_OK = ExitCode.OK
+EXIT_USAGE = ExitCode.USAGE
+EXIT_FAILED = ExitCode.FAILED
+EXIT_WAITING = ExitCode.WAITING
+EXIT_NOT_FOUND = ExitCode.NOT_FOUND
+EXIT_REJECTED = ExitCode.REJECTED
+EXIT_REGRESSION = ExitCode.REGRESSION
+EXIT_BUSY = ExitCode.BUSY
+EXIT_GRAPH = ExitCode.GRAPH
+EXIT_ERROR = ExitCode.CONFIG
+"""The names earlier code and tests use; `ExitCode` (keelgraph.commands.exits) defines them."""
+EXIT_CODES = {int(code): code.meaning for code in ExitCode}
 USER_HELP = (
     "who is acting (the run's signed-in user; default $KEELGRAPH_USER, else the desk's demo user ada): "
     "tools bound to the user act for them"
 )
+_STATUS_CODES = {"ok": ExitCode.OK, "rejected": ExitCode.REJECTED, "failed": ExitCode.FAILED}
 
 
-def _outcome(result: dict[str, Any], thread: str) -> int:
+def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+    """One JSON document on stdout with `--json`, else the text for a person."""
+    if getattr(args, "json", False):
+        print(json.dumps(document, indent=2, ensure_ascii=False, default=str))
+    else:
+        print(text)
+
+
+def _result_text(result: dict[str, Any]) -> str:
+    lines = [f"status  : {result.get('status')}"]
+    if result.get("output") is not None:
+        lines.append(
+            "output  : "
+            + json.dumps(result["output"], indent=2, ensure_ascii=False).replace("\n", "\n          ")
+        )
+    error = result.get("error") or {}
+    if error:
+        lines.append(
+            f"error   : {error.get('type')} ({error.get('code')}): {error.get('message', '')}".rstrip(": ")
+        )
+        for problem in error.get("problems") or []:
+            lines.append(f"          - {problem.get('field')}: {problem.get('reason')}")
+            if problem.get("fix"):
+                lines.append(f"            fix: {problem['fix']}")
+    stats = result.get("stats") or {}
+    if stats:
+        keys = ("model_calls", "repairs", "tool_calls", "input_tokens", "output_tokens", "seconds")
+        lines.append("cost    : " + ", ".join(f"{k}={stats.get(k, 0)}" for k in keys))
+    return "\n".join(lines)
+
+
+def _outcome(args: argparse.Namespace, result: dict[str, Any]) -> int:
     """Print a run's result (or what it waits for) and return the exit code."""
     pauses = result.get("__interrupt__") or []
     if pauses:
-        waiting = {"status": "waiting", "approval": pauses[0].value}
-        print(json.dumps(waiting, indent=2, default=str))
-        print(
-            f"waiting for a person: keelgraph approve --thread {thread} "
-            '[--edit \'{"note": "..."}\' | --reject REASON]',
-            file=sys.stderr,
+        waiting = {"status": "waiting", "thread": args.thread, "interrupts": [p.value for p in pauses]}
+        first = pauses[0].value
+        calls = first.get("calls", []) if isinstance(first, dict) else []
+        asked = "; ".join(f"{c.get('name')} {json.dumps(c.get('args'), ensure_ascii=False)}" for c in calls)
+        _emit(
+            args,
+            waiting,
+            f"status  : waiting for a person\nasks    : {asked or json.dumps(first, default=str)}",
         )
-        return EXIT_WAITING
-    print(json.dumps(result, indent=2, default=str))
-    return {"ok": 0, "rejected": EXIT_REJECTED}.get(str(result.get("status")), EXIT_FAILED)
+        names = [name for c in calls for name in (c.get("args") or {})][:1] or ["ARG"]
+        how = (
+            f"[--edit '{json.dumps(dict.fromkeys(names, '...'))}' | --reject REASON]"
+            if calls
+            else "--resume JSON"
+        )
+        print(
+            f"decide with: keelgraph approve{_graph_flag(args)} --thread {args.thread} {how}", file=sys.stderr
+        )
+        return ExitCode.WAITING
+    shown = {k: v for k, v in result.items() if not k.startswith("__")}
+    _emit(args, {**shown, "thread": args.thread}, _result_text(shown))
+    return _STATUS_CODES.get(str(result.get("status")), ExitCode.FAILED)
+
+
+def _graph_flag(args: argparse.Namespace) -> str:
+    return "" if args.graph == DEFAULT_GRAPH else f" --graph {args.graph}"
 
 
 def _graph(args: argparse.Namespace) -> Any:
-    """The compiled graph `--graph module:factory` names (default: the support desk)."""
-    return _load_factory(args.graph)()
+    """The compiled graph `--graph` names (default: the support desk), keeping its threads."""
+    return load_graph(args.graph)
 
 
 def _run_config(args: argparse.Namespace) -> Any:
     """The run's config: the thread, and who is acting (`--user`, else `$KEELGRAPH_USER`, else the
     desk's demo user when the graph is the desk; see `keelgraph.tools.identity`)."""
     configurable: dict[str, Any] = {"thread_id": args.thread}
-    user = args.user or os.environ.get("KEELGRAPH_USER")
+    user = getattr(args, "user", None) or os.environ.get("KEELGRAPH_USER")
     if not user and args.graph == DEFAULT_GRAPH:
         from keelgraph.apps.support.demo import DEMO_USER
 
@@ -86,9 +120,41 @@ def _run_config(args: argparse.Namespace) -> Any:
     return {"configurable": configurable}
 
 
+def _run(args: argparse.Namespace, graph: Any, value: Any, config: Any) -> int:
+    """Run one turn (a request or a resume) and report it; a run refused or cut off is an outcome too."""
+    from keelgraph.contracts.errors import RunError, ThreadBusy
+
+    try:
+        result = graph.invoke(value, config)
+    except ThreadBusy as exc:
+        failure = exc.to_failure().model_dump(mode="json")
+        _emit(args, {"status": "busy", "thread": args.thread, "error": failure}, f"status  : busy\n{exc}")
+        return ExitCode.BUSY
+    except RunError as exc:  # e.g. ModelUnavailable: no model answered
+        return _outcome(
+            args, {"status": "failed", "output": None, "error": exc.to_failure().model_dump(mode="json")}
+        )
+    return _outcome(args, result)
+
+
 def _ask(args: argparse.Namespace) -> int:
+    if args.request is None and args.input is None:
+        raise UserError("give the request: keelgraph ask --thread T MESSAGE (or --input JSON)")
     graph = _graph(args)
-    return _outcome(graph.invoke({"request": args.request}, _run_config(args)), args.thread)
+    request = request_from(graph, args.request, args.input)
+    return _run(args, graph, {"request": request}, _run_config(args))
+
+
+def _decision(args: argparse.Namespace) -> dict[str, Any]:
+    if args.reject is not None:
+        return {"action": "reject", "reason": args.reject}
+    if args.edit is not None:
+        try:
+            edit = json.loads(args.edit)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--edit is not JSON ({exc.msg}): give the arguments to change") from None
+        return {"action": "edit", "args": edit}
+    return {"action": "approve"}
 
 
 def _approve(args: argparse.Namespace) -> int:
@@ -96,20 +162,28 @@ def _approve(args: argparse.Namespace) -> int:
 
     graph = _graph(args)
     config = _run_config(args)
-    pending = [i.value for i in graph.get_state(config).interrupts]
+    pending = list(graph.get_state(config).interrupts)
     if not pending:
         raise UserError(f"thread {args.thread!r} is not waiting for a person's decision")
-    decision: dict[str, Any] = {"action": "approve"}
-    if args.reject is not None:
-        decision = {"action": "reject", "reason": args.reject}
-    elif args.edit is not None:
+    if args.resume is not None:
         try:
-            edit = json.loads(args.edit)
+            value = json.loads(args.resume)
         except json.JSONDecodeError as exc:
-            raise UserError(f"--edit is not JSON ({exc.msg}): give the arguments to change") from None
-        decision = {"action": "edit", "args": edit}
-    resume = {call["id"]: decision for call in pending[0]["calls"]}
-    return _outcome(graph.invoke(Command(resume=resume), config), args.thread)
+            raise UserError(f"--resume is not JSON ({exc.msg}): give the value the graph waits for") from None
+        resume: Any = value if len(pending) == 1 else {p.id: value for p in pending}
+        return _run(args, graph, Command(resume=resume), config)
+    decision = _decision(args)
+    answers: dict[str, Any] = {}
+    for pause in pending:
+        calls = pause.value.get("calls") if isinstance(pause.value, dict) else None
+        if not calls:
+            raise UserError(
+                f"thread {args.thread!r} waits for a value keelgraph does not decide "
+                f"({json.dumps(pause.value, default=str)[:200]}): answer it with --resume JSON"
+            )
+        answers[pause.id] = {call["id"]: decision for call in calls}
+    resume = next(iter(answers.values())) if len(answers) == 1 else answers
+    return _run(args, graph, Command(resume=resume), config)
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -120,24 +194,30 @@ def _history(args: argparse.Namespace) -> int:
     # The whole conversation: what earlier turns moved to the archive, then what the state holds.
     messages = transcript(graph.store, args.thread, state.values.get("messages", []))
     if not messages:
-        print(
-            f"no thread {args.thread!r} in {Settings.from_env().data_dir / 'threads.db'}",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_FOUND
+        print(f"no thread {args.thread!r} in the graph's checkpointer ({args.graph})", file=sys.stderr)
+        return ExitCode.NOT_FOUND
+    waiting = [i.value for i in state.interrupts]
+    if args.json:
+        document = {
+            "thread": args.thread,
+            "status": "waiting" if waiting else state.values.get("status"),
+            "messages": [_message_json(m) for m in messages],
+            "interrupts": waiting,
+        }
+        print(json.dumps(document, indent=2, ensure_ascii=False, default=str))
+        return ExitCode.OK
     for message in messages:
-        if args.json:
-            print(json.dumps(_message_json(message), ensure_ascii=False, default=str))
-            continue
         kind = message.additional_kwargs.get("keelgraph", "")
         tool_calls = getattr(message, "tool_calls", None) or []
         calls = f" {[(c['name'], c['args']) for c in tool_calls]}" if tool_calls else ""
         print(f"[{message.type}:{kind}] {str(message.content)[:300]}{calls}")
-    return 0
+    if waiting:
+        print(f"(waiting for a person: keelgraph approve{_graph_flag(args)} --thread {args.thread})")
+    return ExitCode.OK
 
 
 def _message_json(message: Any) -> dict[str, Any]:
-    """One kept message as a JSON line of `history --json`."""
+    """One kept message in `history --json`."""
     return {
         "type": message.type,
         "kind": message.additional_kwargs.get("keelgraph", ""),
@@ -166,10 +246,19 @@ def _eval(args: argparse.Namespace) -> int:
     import tempfile
     from datetime import UTC, datetime
 
-    from keelgraph.commands.eval import load_dataset, recorded_cases, run_cli
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.store.memory import InMemoryStore
 
-    factory = _load_factory(args.graph)
-    accepted = set(inspect.signature(factory).parameters)
+    from keelgraph.commands.eval import load_dataset, read_report, recorded_cases, run_cli
+    from keelgraph.commands.target import as_graph
+
+    made = load_factory(args.graph)
+
+    def factory(**kwargs: Any) -> Any:
+        # A graph without a checkpointer of its own keeps the eval's threads in memory.
+        return as_graph(made(**kwargs), args.graph, checkpointer=InMemorySaver, store=InMemoryStore)
+
+    accepted = set(inspect.signature(made).parameters)
     instructions = args.instructions
     if instructions is not None and instructions.startswith("@"):
         try:
@@ -181,7 +270,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.replay:
         # What the recorded threads were sent, read from the configured checkpointer.
         cases = recorded_cases(
-            factory(), args.replay, args.replay_fields.split(",") if args.replay_fields else None
+            load_graph(args.graph), args.replay, args.replay_fields.split(",") if args.replay_fields else None
         )
         dataset = "replay:" + ",".join(args.replay)
     else:
@@ -195,8 +284,6 @@ def _eval(args: argparse.Namespace) -> int:
         cases = [c for c in cases if c.id in set(args.case)]
     # Evaluations run on scratch data (a fresh shop, threads in memory, effects in memory): they
     # are repeatable and never touch the data of the deployed graph.
-    from langgraph.checkpoint.memory import InMemorySaver
-
     from keelgraph.tools.ledger import MemoryLedger
 
     scratch = Path(tempfile.mkdtemp(prefix="keelgraph-eval-"))
@@ -219,7 +306,7 @@ def _eval(args: argparse.Namespace) -> int:
         "temperature": settings.temperature,
         "instructions": "custom" if instructions is not None else "default",
     }
-    return run_cli(
+    code = run_cli(
         factory,
         cases,
         out=out,
@@ -229,7 +316,16 @@ def _eval(args: argparse.Namespace) -> int:
         factory_args=kwargs,
         meta=meta,
         min_correct=args.min_correct,
+        # With --json the table goes to stderr: stdout holds the one JSON document.
+        print_=(lambda text: print(text, file=sys.stderr)) if args.json else print,
     )
+    outcome = ExitCode.OK if code == 0 else ExitCode.REGRESSION
+    if args.json:
+        report = read_report(Path(out))
+        status = "ok" if outcome == ExitCode.OK else "regression"
+        document = {"status": status, "report_path": str(out), "baseline": args.baseline, **report}
+        print(json.dumps(document, indent=2, ensure_ascii=False, default=str))
+    return outcome
 
 
 def default_eval_dataset() -> Path:
@@ -239,24 +335,44 @@ def default_eval_dataset() -> Path:
     return Path(keelgraph.apps.support.__file__).parent / "evals" / "support.jsonl"
 
 
-def _load_factory(spec: str) -> Any:
-    import importlib
+def _model_status(args: argparse.Namespace, settings: Settings) -> int:
+    """What `model status` reports: the endpoint, and for the embedded model its file and server."""
+    import importlib.util
 
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"--graph {spec}: cannot import {module_name} ({exc})") from None
-    factory = getattr(module, attr or "make_graph", None)
-    if not callable(factory):
-        raise UserError(f"--graph {spec}: {module_name} has no callable {attr or 'make_graph'}")
-    return factory
+    import httpx
+
+    from keelgraph.local.embedded import EMBEDDED_MODEL, LocalModelServer
+
+    status: dict[str, Any] = {"model": settings.model, "embedded": settings.embedded}
+    if not settings.embedded:
+        # A remote endpoint is not called here: `model status` starts and spends nothing.
+        status |= {"endpoint": settings.base_url, "serving": None}
+    else:
+        url = LocalModelServer(settings).url
+        try:
+            reply = httpx.get(f"{url}/models", timeout=2.0)
+            ids = [m.get("id") for m in reply.json().get("data", [])]
+            serving = reply.status_code == 200 and settings.model in ids
+        except (httpx.HTTPError, ValueError, AttributeError):
+            serving = False
+        model_file = settings.cache_dir / "models" / EMBEDDED_MODEL.filename
+        status |= {
+            "endpoint": url,
+            "serving": serving,
+            "model_file": str(model_file),
+            "model_file_verified": model_file.exists() and model_file.with_suffix(".verified").exists(),
+            "llama_cpp_installed": importlib.util.find_spec("llama_cpp") is not None,
+        }
+    _emit(args, status, "\n".join(f"{k:<20} {v}" for k, v in status.items()))
+    return ExitCode.OK
 
 
 def _model(args: argparse.Namespace) -> int:
     from keelgraph.local.embedded import EMBEDDED_MODEL, LocalModelServer, ensure_model_file
 
     settings = Settings.from_env()
+    if args.action == "status":
+        return _model_status(args, settings)
     if args.action == "fetch":
         started = time.perf_counter()
         path = ensure_model_file(settings)
@@ -282,6 +398,14 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.engine == "aegra":
+        from keelgraph.serving import aegra
+
+        return aegra.run(replicas=args.replicas, port=args.port)
+    if args.replicas != 1:
+        raise UserError(
+            "`langgraph dev` is one process: use --engine aegra for --replicas (see deploy/README.md)"
+        )
     from keelgraph.serving.serve import run
 
     return run(port=args.port)
@@ -325,7 +449,9 @@ def _prune(args: argparse.Namespace) -> int:
 
     if args.keep_last is None and args.older_than is None and not args.vacuum:
         raise UserError("say what to prune: --keep-last N, --older-than AGE and/or --vacuum")
-    path = args.db or Settings.from_env().data_dir / "threads.db"
+    path = (
+        _checkpoint_file(args.graph) if args.graph else args.db or Settings.from_env().data_dir / "threads.db"
+    )
     report = prune(
         path,
         keep_last=args.keep_last,
@@ -345,74 +471,136 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_file(spec: str) -> Path:
+    """The SQLite file the graph `spec` names keeps its threads in."""
+    import sqlite3
+
+    graph = load_graph(spec)
+    conn = getattr(graph.checkpointer, "conn", None)
+    if isinstance(conn, sqlite3.Connection):
+        files = [row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"]
+        if files and files[0]:
+            return Path(files[0])
+    raise UserError(
+        f"--graph {spec} keeps its threads in {type(graph.checkpointer).__name__}, not a SQLite file: "
+        "prune works on SQLite checkpoint files (see keelgraph.graphs.retention)"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its usage errors on `EXIT_USAGE`, so they never read as an outcome."""
+    """argparse, its usage errors on `ExitCode.USAGE` (2), a code no outcome uses."""
 
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _epilog() -> str:
-    codes = "\n".join(f"  {code:>3}  {what}" for code, what in EXIT_CODES.items())
-    variables = "\n".join(f"  {name}" for name in Settings.variables())
-    return f"exit codes:\n{codes}\n\nenvironment (keelgraph config shows the effective values):\n{variables}"
+    from keelgraph.commands.config import variables_help
+
+    return (
+        f"exit codes:\n{exit_code_table()}\n\n"
+        f"environment (keelgraph config shows each one's effective value and source):\n{variables_help()}"
+    )
 
 
 def _config(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    shown = {k: (v if "key" not in k else ("set" if v else None)) for k, v in settings.as_dict().items()}
-    if args.json:
-        print(json.dumps(shown, default=str, indent=2))
-    else:
-        for key, value in shown.items():
-            print(f"{key:<22} {value}")
-    return 0
+    from keelgraph.commands.config import effective_variables, unknown_variables
+
+    found = effective_variables()
+    unknown = unknown_variables()
+    document = {
+        "settings": {v.setting: v.as_json()["value"] for v in found if v.setting},
+        "variables": [v.as_json() for v in found],
+        "unknown": unknown,
+    }
+    lines = [f"{v.name:<30} {_text(v.as_json()['value']):<40} ({v.source})" for v in found]
+    if unknown:
+        lines.append(f"\nset but not read by keelgraph (a typo?): {', '.join(unknown)}")
+    _emit(args, document, "\n".join(lines))
+    return ExitCode.OK
+
+
+def _text(value: Any) -> str:
+    if value is None or value == []:
+        return "-"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _version() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("keelgraph")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        ours = "(not installed)"
+    return f"keelgraph {ours} (langgraph {version('langgraph')}, Python {platform.python_version()})"
+
+
+def _target(parser: argparse.ArgumentParser, *, json_help: str = "print one JSON document on stdout") -> None:
+    """`--graph` and `--json`, the same on every command that runs a graph."""
+    parser.add_argument(
+        "--graph",
+        default=DEFAULT_GRAPH,
+        metavar="MODULE:FACTORY",
+        help="the graph: module:factory or path/to/file.py:factory (as in langgraph.json) returning a "
+        "keelgraph graph, compiled or not (default: the support desk)",
+    )
+    parser.add_argument("--json", action="store_true", help=json_help)
 
 
 def _add_thread_commands(sub: Any) -> None:
     """`ask`, `approve` and `history`: commands on one thread of a graph (`--graph`, default the desk)."""
-    ask = sub.add_parser("ask", help="send one request to the order-support assistant in a persistent thread")
-    ask.add_argument("--thread", required=True, help="thread id; the same id continues the conversation")
-    ask.add_argument("request", help='the request as JSON, e.g. \'{"message": "Hi"}\'')
-    ask.add_argument(
-        "--graph", default=DEFAULT_GRAPH, help=f"module:factory of the graph (default {DEFAULT_GRAPH})"
+    ask = sub.add_parser(
+        "ask", help="send one request to a graph (default: the support desk) in a persistent thread"
     )
+    ask.add_argument("--thread", required=True, help="thread id; the same id continues the conversation")
+    request = ask.add_mutually_exclusive_group(required=True)
+    request.add_argument(
+        "request",
+        nargs="?",
+        metavar="MESSAGE",
+        help="plain text for the graph's one text field (the desk's `message`), or a JSON object as is",
+    )
+    request.add_argument(
+        "--input", metavar="JSON", help="the request as JSON text (or @FILE), for structured input contracts"
+    )
+    _target(ask, json_help="print the result as one JSON document on stdout")
     ask.add_argument("--user", help=USER_HELP)
     ask.set_defaults(func=_ask)
-    approve = sub.add_parser("approve", help="decide on the tool call a thread is waiting for (a ticket)")
+    approve = sub.add_parser("approve", help="decide on the tool call(s) a thread is waiting for")
     approve.add_argument("--thread", required=True)
-    approve.add_argument(
-        "--graph", default=DEFAULT_GRAPH, help="module:factory of the graph (default: the desk)"
-    )
     decide = approve.add_mutually_exclusive_group()
     decide.add_argument("--edit", help="JSON of the arguments to change, then run it")
     decide.add_argument("--reject", metavar="REASON", help="do not run it; the reason goes to the model")
+    decide.add_argument(
+        "--resume",
+        metavar="JSON",
+        help="resume with this value (an interrupt that is not keelgraph's approval)",
+    )
+    _target(approve, json_help="print the result as one JSON document on stdout")
     approve.add_argument("--user", help=USER_HELP)
     approve.set_defaults(func=_approve)
-    history = sub.add_parser("history", help="print what a thread kept")
+    history = sub.add_parser("history", help="print what a thread kept (and what it waits for)")
     history.add_argument("--thread", required=True)
-    history.add_argument(
-        "--graph", default=DEFAULT_GRAPH, help="module:factory of the graph (default: the desk)"
-    )
-    history.add_argument("--json", action="store_true", help="one JSON object per message")
+    _target(history, json_help="the thread as one JSON document: status, messages, interrupts")
     history.set_defaults(func=_history)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from importlib.metadata import version
-
-    __version__ = version("keelgraph")
     parser = _Parser(
         prog="keelgraph",
         description=__doc__,
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"keelgraph {__version__}")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    config = sub.add_parser("config", help="print the effective settings (from KEELGRAPH_* variables)")
-    config.add_argument("--json", action="store_true", help="as one JSON object")
+    config = sub.add_parser(
+        "config", help="every KEELGRAPH_* variable: its effective value and where it came from"
+    )
+    config.add_argument("--json", action="store_true", help="as one JSON document")
     config.set_defaults(func=_config)
     demo = sub.add_parser("demo", help="run a short scripted session of the order-support assistant")
     demo.add_argument("--thread", help="thread id (default: a new one)")
@@ -420,18 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_thread_commands(sub)
     ev = sub.add_parser(
         "eval",
-        help="run a dataset through a graph, score it, compare with a baseline (exit 1 on a regression)",
+        help="run a dataset through a graph, score it, compare with a baseline (exit 7 on a regression)",
     )
     ev.add_argument(
         "--dataset",
         type=Path,
         help="JSON Lines cases (default: the main job's, apps/support/evals/support.jsonl)",
     )
-    ev.add_argument(
-        "--graph",
-        default="keelgraph.apps.support.desk:make_graph",
-        help="MODULE:FACTORY building the graph (default: the main job)",
-    )
+    _target(ev, json_help="print the report as one JSON document on stdout (the table goes to stderr)")
     ev.add_argument("--instructions", help="replace the graph's instructions: TEXT or @FILE")
     ev.add_argument("--baseline", type=Path, help="a saved report to compare with")
     ev.add_argument("--save-baseline", type=Path, help="also write this run's report here")
@@ -448,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-correct",
         type=float,
         metavar="RATE",
-        help="also exit 1 when fewer turns than this are correct (0..1), with or without a baseline",
+        help="also exit 7 when fewer turns than this are correct (0..1), with or without a baseline",
     )
     ev.add_argument(
         "--replay",
@@ -463,13 +647,18 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="the embedded local model")
     model.add_argument(
         "action",
-        choices=["fetch", "serve"],
-        help="fetch: download and verify; serve: run the server",
+        choices=["fetch", "serve", "status"],
+        help="fetch: download and verify; serve: run the server; status: what is configured and running",
     )
+    model.add_argument("--json", action="store_true", help="status: as one JSON document")
     model.set_defaults(func=_model)
     prune = sub.add_parser("prune", help="shrink the SQLite checkpoint file: old checkpoints, idle threads")
-    prune.add_argument(
+    where = prune.add_mutually_exclusive_group()
+    where.add_argument(
         "--db", type=Path, help="the checkpoint database (default: $KEELGRAPH_DATA_DIR/threads.db)"
+    )
+    where.add_argument(
+        "--graph", metavar="MODULE:FACTORY", help="the SQLite file this graph keeps its threads in (see ask)"
     )
     prune.add_argument("--keep-last", type=int, help="keep this many newest checkpoints per thread (>= 1)")
     prune.add_argument("--older-than", help="drop threads idle for longer than this: 30d, 12h, 90m")
@@ -482,6 +671,18 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(func=_prune)
     serve = sub.add_parser("serve", help="serve langgraph.json's graphs with `langgraph dev`, offline")
     serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
+    serve.add_argument(
+        "--engine",
+        choices=["dev", "aegra"],
+        default="dev",
+        help="dev: `langgraph dev`, one process; aegra: Aegra replicas on KEELGRAPH_DATABASE_URL (PostgreSQL)",
+    )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with --engine aegra: server processes (ports --port, --port+1, ...)",
+    )
     serve.set_defaults(func=_serve)
     token = sub.add_parser(
         "token", help="bearer tokens of the served graphs' users (see keelgraph.serving.auth)"
@@ -500,13 +701,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit status is an `ExitCode` (`keelgraph --help` lists them)."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+    except GraphNotLoaded as exc:
+        print(f"keelgraph: {exc}", file=sys.stderr)
+        return ExitCode.GRAPH
+    except ThreadBusy as exc:  # raised outside a run of ask/approve (e.g. while reading the thread)
+        print(f"keelgraph: {exc}", file=sys.stderr)
+        return ExitCode.BUSY
     except KeelgraphError as exc:
         print(f"keelgraph: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return code
+        return ExitCode.CONFIG
+    except KeyboardInterrupt:
+        print("keelgraph: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    return int(code)
 
 
 if __name__ == "__main__":

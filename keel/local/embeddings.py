@@ -103,7 +103,6 @@ class MemoryUnavailable(UserError):
 
 _PACKAGES = {"numpy": "numpy", "tokenizers": "tokenizers", "safetensors": "safetensors"}
 _SQLITE_PACKAGES = {"pysqlite3": "pysqlite3-binary", "sqlite_vec": "sqlite-vec"}
-_INSTALL = "pip install 'keelgraph[memory]'"
 
 
 def _missing(packages: dict[str, str]) -> list[str]:
@@ -112,7 +111,11 @@ def _missing(packages: dict[str, str]) -> list[str]:
 
 def _require(packages: dict[str, str], what: str) -> None:
     if missing := _missing(packages):
-        raise MemoryUnavailable(f"{what} needs {', '.join(missing)} (the memory extra): {_INSTALL}")
+        from keelgraph.settings import install_hint
+
+        raise MemoryUnavailable(
+            f"{what} needs {', '.join(missing)} (the memory extra): {install_hint('memory')}"
+        )
 
 
 def _model_dir(settings: Settings | None = None) -> Path:

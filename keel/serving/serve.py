@@ -95,9 +95,9 @@ def write_config(
 def _command() -> list[str]:
     missing = [name for name in _NEEDS if importlib.util.find_spec(name) is None]
     if missing:
-        raise UserError(
-            f"serving needs {', '.join(missing)}: run `pip install 'keelgraph[serve]'` (or `bash .ci/setup`)"
-        )
+        from keelgraph.settings import install_hint
+
+        raise UserError(f"serving needs {', '.join(missing)} (the serve extra): {install_hint('serve')}")
     # Under the orphan guard: a parent killed without cleanup does not leave the server running.
     return [sys.executable, "-m", "keelgraph.local.orphan_guard", str(os.getpid()), "langgraph_cli"]
 

@@ -72,7 +72,11 @@ def create_database(url: str, name: str) -> str:
         import psycopg
         from psycopg import sql
     except ImportError:
-        raise UserError("creating a database needs psycopg: pip install 'keelgraph[postgres]'") from None
+        from keelgraph.settings import install_hint
+
+        raise UserError(
+            f"creating a database needs psycopg (the postgres extra): {install_hint('postgres')}"
+        ) from None
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return urlsplit(url)._replace(path=f"/{name}").geturl()

@@ -69,7 +69,7 @@ def test_eval_baseline_then_degraded_prompt(tmp_path: Path, model_server: str) -
 
     prompt = run(commands[1], data, tmp_path)
     print(prompt.stdout)
-    assert prompt.returncode == 1, prompt.stdout + prompt.stderr
+    assert prompt.returncode == 7, prompt.stdout + prompt.stderr  # ExitCode.REGRESSION
     assert "REGRESSION against the baseline:" in prompt.stdout
     assert re.search(r"  - correct: [\d.]+ -> [\d.]+", prompt.stdout), prompt.stdout
     assert (
@@ -79,5 +79,5 @@ def test_eval_baseline_then_degraded_prompt(tmp_path: Path, model_server: str) -
 
     model = run(commands[2], data, tmp_path)
     print(model.stdout)
-    assert model.returncode == 1, model.stdout + model.stderr
+    assert model.returncode == 7, model.stdout + model.stderr  # ExitCode.REGRESSION
     assert re.search(r"  - contract: 1.0 -> [\d.]+", model.stdout), model.stdout
