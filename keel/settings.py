@@ -74,7 +74,11 @@ class Settings:
     llama_port: int
     """KEELGRAPH_LLAMA_PORT: port of the embedded model server on 127.0.0.1 (default 18089)."""
     llama_threads: int
-    """KEELGRAPH_LLAMA_THREADS: CPU threads of the embedded model server (default: all cores)."""
+    """KEELGRAPH_LLAMA_THREADS: CPU threads of the embedded model server (default: all cores but one,
+    at least 1). A server on every core stalls when anything else runs: measured on 2 cores
+    (`bench/model_threads.py`), 2 threads gave 33.7 tokens/s alone but 0.7 (worst 0.33) beside one
+    busy process, 1 thread 20.3 alone and 13.1 (worst 6.8) beside it. The core left free is the
+    graph's, its tools' and its servers'."""
     llama_ctx: int
     """KEELGRAPH_LLAMA_CTX: context window of the embedded model in tokens (default 4096)."""
     fallback_models: tuple[str, ...] = ()
@@ -144,7 +148,7 @@ class Settings:
             database_url=env.get("KEELGRAPH_DATABASE_URL") or None,
             cache_dir=Path(env.get("KEELGRAPH_CACHE_DIR") or cache_home / "keelgraph"),
             llama_port=_int(env, "KEELGRAPH_LLAMA_PORT", 18089),
-            llama_threads=_int(env, "KEELGRAPH_LLAMA_THREADS", os.cpu_count() or 2),
+            llama_threads=_int(env, "KEELGRAPH_LLAMA_THREADS", max(1, (os.cpu_count() or 2) - 1)),
             llama_ctx=_int(env, "KEELGRAPH_LLAMA_CTX", 4096),
             fallback_models=tuple(
                 name.strip() for name in env.get("KEELGRAPH_FALLBACK_MODELS", "").split(",") if name.strip()

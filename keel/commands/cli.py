@@ -338,10 +338,11 @@ def default_eval_dataset() -> Path:
 def _model_status(args: argparse.Namespace, settings: Settings) -> int:
     """What `model status` reports: the endpoint, and for the embedded model its file and server."""
     import importlib.util
+    import time
 
     import httpx
 
-    from keelgraph.local.embedded import EMBEDDED_MODEL, LocalModelServer
+    from keelgraph.local.embedded import EMBEDDED_MODEL, LocalModelServer, cpu_share, server_owner
 
     status: dict[str, Any] = {"model": settings.model, "embedded": settings.embedded}
     if not settings.embedded:
@@ -349,16 +350,25 @@ def _model_status(args: argparse.Namespace, settings: Settings) -> int:
         status |= {"endpoint": settings.base_url, "serving": None}
     else:
         url = LocalModelServer(settings).url
+        began = time.monotonic()
         try:
             reply = httpx.get(f"{url}/models", timeout=2.0)
             ids = [m.get("id") for m in reply.json().get("data", [])]
             serving = reply.status_code == 200 and settings.model in ids
         except (httpx.HTTPError, ValueError, AttributeError):
             serving = False
+        answer_ms = round((time.monotonic() - began) * 1000) if serving else None
         model_file = settings.cache_dir / "models" / EMBEDDED_MODEL.filename
+        pid = server_owner(settings, settings.llama_port)
         status |= {
             "endpoint": url,
             "serving": serving,
+            # Who serves it (a keelgraph-started server: clients wait for it, never start another),
+            # how fast it answers, and how busy it is (cores in use; near `threads`: generating).
+            "server_pid": pid,
+            "answer_ms": answer_ms,
+            "threads": settings.llama_threads,
+            "cpu_cores_busy": cpu_share(pid) if pid is not None else None,
             "model_file": str(model_file),
             "model_file_verified": model_file.exists() and model_file.with_suffix(".verified").exists(),
             "llama_cpp_installed": importlib.util.find_spec("llama_cpp") is not None,

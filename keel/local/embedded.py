@@ -36,7 +36,9 @@ __all__ = [
     "MODELS",
     "EmbeddedModel",
     "LocalModelServer",
+    "cpu_share",
     "ensure_model_file",
+    "server_owner",
     "tools_alias",
 ]
 
@@ -354,6 +356,34 @@ def _answers(url: str, model_name: str, timeout_s: float = 2.0) -> bool:
     return reply.status_code == 200 and model_name in ids
 
 
+def server_owner(settings: Settings, port: int) -> int | None:
+    """The pid of the live model server keelgraph started on `port` (on this machine), or None."""
+    where = settings.cache_dir / f"llama-server-{port}.owner"
+    try:
+        pid = int(json.loads(where.read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid
+
+
+def cpu_share(pid: int, sample_s: float = 0.5) -> float | None:
+    """The share of one core process `pid` used over `sample_s` seconds (1.0: one core busy), from
+    /proc; None where it cannot be read. A model server near its thread count is generating."""
+
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    try:
+        first, began = ticks(), time.monotonic()
+        time.sleep(sample_s)
+        used = ticks() - first
+        return round(used / os.sysconf("SC_CLK_TCK") / (time.monotonic() - began), 2)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class LocalModelServer:
     """The embedded llama.cpp OpenAI-compatible server on 127.0.0.1.
 
@@ -410,6 +440,10 @@ class LocalModelServer:
                 # Something listens there. A model server busy generating (llama.cpp serves one
                 # request at a time, slower still on a loaded machine) can take a while to answer:
                 # wait for it rather than start a second server that would compete for the cores.
+                # One keelgraph started (its pid is recorded) is waited for as long as it lives.
+                owner = server_owner(self.settings, self.port)
+                if owner is not None:
+                    return self._wait_for(owner, timeout_s)
                 if self._serves_all(timeout_s=30.0):
                     return self.url
                 if _answers(self.url, name, timeout_s=2.0):
@@ -434,9 +468,31 @@ class LocalModelServer:
                 timeout_s=timeout_s,
                 progress=partial(_say, self.progress),
             )
+            self._owner_file().write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
             if self not in _STARTED:
                 _STARTED.append(self)
             return self.url
+
+    def _owner_file(self) -> Path:
+        return self.settings.cache_dir / f"llama-server-{self.port}.owner"
+
+    def _wait_for(self, pid: int, timeout_s: float) -> str:
+        """Wait for the keelgraph model server `pid` on our port to answer: it is busy, not gone."""
+        _say(
+            self.progress,
+            f"keelgraph: the model server on port {self.port} (pid {pid}) is busy; waiting for it",
+        )
+        deadline = time.monotonic() + max(timeout_s, 600.0)
+        while time.monotonic() < deadline:
+            if self._serves_all(timeout_s=30.0):
+                return self.url
+            if server_owner(self.settings, self.port) is None:
+                break  # it exited: the caller's next start() starts one
+            time.sleep(1.0)
+        raise UserError(
+            f"the model server on port {self.port} (pid {pid}) did not answer for {max(timeout_s, 600.0):.0f} s: "
+            f"it is stuck or the machine is overloaded; stop it (`kill {pid}`) or set KEELGRAPH_LLAMA_PORT"
+        )
 
     def _model_args(self, paths: list[Path]) -> list[str]:
         """The server's arguments: one model on the command line, or several in a config file (the
@@ -467,6 +523,8 @@ class LocalModelServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
+        if process is not None:
+            self._owner_file().unlink(missing_ok=True)
         stop_group(process)
 
 
