@@ -17,7 +17,8 @@ Measured per variant, each in its own process (so peak RSS is its own):
   `checkpoint_writes`), measured outside the timed call; the database file size; and which state
   channels the latest checkpoint's bytes belong to (each channel re-serialized with the saver's serde);
 - concurrency: `--threads` threads at once, `--concurrent-turns` turns each, with `ainvoke` on the
-  async saver: turns/s and per-turn latency.
+  async saver: turns/s and per-turn latency; once with the zero-latency model (the framework's own
+  cost) and once with a model that answers in `--model-ms` (awaited, as a served endpoint is).
 
 Run:   .venv/bin/python bench/memory.py                     (--turns 200 --threads 50; about a minute on 2 cores)
 Quick: .venv/bin/python bench/memory.py --quick             (12 turns, 4 threads: the smoke test)
@@ -116,10 +117,19 @@ def keelgraph_step_native(messages: list[BaseMessage]) -> AIMessage:
 CONTRACT = Contract(input=Ask, output=Reply, instructions="Answer from the lookup tool.")
 
 
-def scripted(variant: Variant, strategy: str) -> ScriptedChatModel:
+def scripted(variant: Variant, strategy: str, latency_ms: float = 0) -> ScriptedChatModel:
     if variant == "plain":
-        return ScriptedChatModel([plain_step], repeat_last=True)
-    step = keelgraph_step_native if strategy == "tool_calling" else keelgraph_step
+        step: Any = plain_step
+    else:
+        step = keelgraph_step_native if strategy == "tool_calling" else keelgraph_step
+    if latency_ms:
+        # A model that takes its time, awaited (`_agenerate`): what a served endpoint costs a run.
+        fast = step
+
+        async def step(messages: list[BaseMessage]) -> Any:
+            await asyncio.sleep(latency_ms / 1000)
+            return fast(messages)
+
     return ScriptedChatModel([step], repeat_last=True)
 
 
@@ -137,8 +147,10 @@ def check_result(variant: Variant, result: dict[str, Any]) -> None:
         raise RuntimeError("plain turn did not end with an answer")
 
 
-def build(variant: Variant, saver: Any, strategy: str, store: Any = None) -> tuple[Any, ScriptedChatModel]:
-    model = scripted(variant, strategy)
+def build(
+    variant: Variant, saver: Any, strategy: str, store: Any = None, latency_ms: float = 0
+) -> tuple[Any, ScriptedChatModel]:
+    model = scripted(variant, strategy, latency_ms)
     if variant == "plain":
         from langchain.agents import create_agent
 
@@ -392,12 +404,19 @@ def growth(variant: Variant, backend: Backend, target: str, turns: int, strategy
 
 
 async def concurrency(
-    variant: Variant, backend: Backend, target: str, *, threads: int, turns: int, strategy: str
+    variant: Variant,
+    backend: Backend,
+    target: str,
+    *,
+    threads: int,
+    turns: int,
+    strategy: str,
+    latency_ms: float = 0,
 ) -> dict[str, Any]:
     started_rss = rss_mb()
     latencies: list[float] = []
     async with async_saver(variant, backend, target) as saver, async_store_for(variant, target) as store:
-        graph, model = build(variant, saver, strategy, store)
+        graph, model = build(variant, saver, strategy, store, latency_ms)
         warm: Any = {"configurable": {"thread_id": "warm-up"}}
         check_result(variant, await graph.ainvoke(turn_input(variant, 0), warm))
 
@@ -441,6 +460,7 @@ def worker(spec: dict[str, Any]) -> None:
                 threads=spec["threads"],
                 turns=spec["turns"],
                 strategy=spec["strategy"],
+                latency_ms=spec.get("latency_ms", 0),
             )
         )
     Path(spec["result"]).write_text(json.dumps(out))
@@ -515,6 +535,13 @@ def table(report: dict[str, Any]) -> str:
         lambda v: f"{v['concurrency']['p50_ms']:.0f} / {v['concurrency']['p95_ms']:.0f}",
     )
     row("peak RSS, concurrent run (MB)", lambda v: f"{v['concurrency']['peak_rss_mb']:.0f}")
+    if "slow_model" in out["plain"]:
+        slow = f"model answering in {report['model_ms']:g} ms"
+        row(f"turns/s, {conc}, {slow}", lambda v: f"{v['slow_model']['turns_per_s']:.1f}")
+        row(
+            f"latency p50 / p95 ms, {slow}",
+            lambda v: f"{v['slow_model']['p50_ms']:.0f} / {v['slow_model']['p95_ms']:.0f}",
+        )
     return "\n".join(lines)
 
 
@@ -539,7 +566,15 @@ def verdict(report: dict[str, Any]) -> list[str]:
     def mark(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
+    out = report["variants"]
+    ratios = [
+        f"keelgraph/plain turns/s, {kind.replace('_', ' ')}: {ratio:.2f}x (>= 1.0: {mark(ratio >= 1.0)})"
+        for kind in ("concurrency", "slow_model")
+        if kind in out["plain"]
+        and (ratio := out["keelgraph"][kind]["turns_per_s"] / max(out["plain"][kind]["turns_per_s"], 1e-9))
+    ]
     return [
+        *ratios,
         f"keelgraph bytes/turn {last}/{first}: {kg['bytes_ratio']}x (<= 1.5x: {mark((kg['bytes_ratio'] or 0) <= 1.5)})",
         f"keelgraph ms/turn {last}/{first}: {kg['ms_ratio']}x (<= 1.3x: {mark((kg['ms_ratio'] or 0) <= 1.3)})",
         f"keelgraph mean ms/turn {kg['mean_ms']:.1f} vs plain {plain['mean_ms']:.1f} "
@@ -613,6 +648,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--postgres-url", help="use this server instead of starting a local one")
     parser.add_argument("--strategy", default="json_object", help="keelgraph's output strategy")
+    parser.add_argument(
+        "--model-ms",
+        type=float,
+        default=200,
+        help="the slow model's answer time in the second concurrent run",
+    )
     parser.add_argument("--quick", action="store_true", help="12 turns, 4 threads x 2 turns")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -638,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         "turns": args.turns,
         "threads": args.threads,
         "concurrent_turns": args.concurrent_turns,
+        "model_ms": args.model_ms,
         "strategy": args.strategy,
         "points": points,
         "channel_turns": sorted({min(10, args.turns), args.turns}),
@@ -652,11 +694,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kg-bench-memory-") as tmp:
         work = Path(tmp)
         with targets(args.backend, work, args.postgres_url) as target:
-            for kind in ("growth", "concurrency"):
+            for kind in ("growth", "concurrency", "slow_model"):
                 for variant in VARIANTS:
                     log(f"{variant} {kind} ...")
                     spec = {
-                        "kind": kind,
+                        "kind": "concurrency" if kind == "slow_model" else kind,
+                        "latency_ms": args.model_ms if kind == "slow_model" else 0,
                         "variant": variant,
                         "backend": args.backend,
                         "target": target(f"{variant}-{kind}"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import functools
 import inspect
@@ -20,6 +18,7 @@ from keelgraph.contracts.decision import inline_refs
 from keelgraph.contracts.errors import ContractError, InputRejected, Problem, explain
 from keelgraph.contracts.parsing import ParseError, loads_strict, oversized_ints
 from keelgraph.contracts.repair import field_paths, named_field
+from keelgraph.contracts.suspend import Await, Steps, adrive, drive
 
 __all__ = ["Check", "CheckContext", "Computed", "Contract", "OutputInvalid", "Review"]
 
@@ -133,18 +132,6 @@ class OutputInvalid(ValueError):
         self.problems = problems
         self.kind = kind
         super().__init__("; ".join(p.line() for p in problems))
-
-
-def _run_sync(awaitable: Awaitable[CheckResult]) -> CheckResult:
-    async def wrap() -> CheckResult:
-        return await awaitable
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(wrap())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, wrap()).result()
 
 
 def _too_big(value: BaseModel, prefix: str) -> list[Problem]:
@@ -480,7 +467,16 @@ class Contract(Generic[InT, OutT]):
 
     def review(self, output: OutT, ctx: CheckContext[InT]) -> Review:
         """Run every semantic check: the problems, the values checks computed, and whether a
-        failing check asked for a tool result that is not there (see `Review`)."""
+        failing check asked for a tool result that is not there (see `Review`). An async check
+        is run to completion here; `areview` awaits it instead."""
+        return drive(self.reviewing(output, ctx))
+
+    async def areview(self, output: OutT, ctx: CheckContext[InT]) -> Review:
+        """`review`, awaiting async checks on the running event loop."""
+        return await adrive(self.reviewing(output, ctx))
+
+    def reviewing(self, output: OutT, ctx: CheckContext[InT]) -> Steps[Review]:
+        """`review` as steps (`keelgraph.contracts.suspend`): it yields each async check's result."""
         problems: list[Problem] = []
         computed: dict[str, Any] = {}
         needs_tool = False
@@ -492,7 +488,7 @@ class Contract(Generic[InT, OutT]):
             try:
                 result = check(output, dataclasses.replace(ctx, tool_results=watched))
                 if inspect.isawaitable(result):
-                    result = _run_sync(result)
+                    result = yield Await(result)
             except ValueError as exc:
                 result = str(exc)
             if result is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +18,7 @@ from langchain_core.tools import BaseTool
 
 from keelgraph.contracts.decision import ANSWER
 from keelgraph.contracts.errors import Problem
+from keelgraph.contracts.suspend import Steps, adrive, drive
 from keelgraph.graphs.events import ToolFinished, ToolOutcome, ToolStarted, emit
 from keelgraph.graphs.identity import with_identity
 from keelgraph.graphs.model_call import allowed_tools, without_reply
@@ -24,11 +27,11 @@ from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import State, Stats
 from keelgraph.graphs.turn import exhausted, failed, new_attempt, turn_facts, with_history, zero_stats
 from keelgraph.tools import gate
-from keelgraph.tools.effects import done_before, run_once
-from keelgraph.tools.execution import CallOutcome, run_tool_call
+from keelgraph.tools.effects import calling_once, done_before
+from keelgraph.tools.execution import CallOutcome, calling
 from keelgraph.tools.pool import running_in
 
-__all__ = ["RAN", "act", "route_after_act"]
+__all__ = ["RAN", "aact", "act", "route_after_act"]
 
 _log = logging.getLogger("keelgraph")
 
@@ -155,30 +158,43 @@ def _finished(name: str, call_id: str, outcome: ToolOutcome, seconds: float = 0.
     )
 
 
-def _run_ready(rnd: _Round, spec: AgentSpec) -> int:
+@dataclass(frozen=True)
+class _Together:
+    """The calls of one step, started at once, as an `Op` (`keelgraph.contracts.suspend`)."""
+
+    calls: list[Callable[[], Steps[CallOutcome]]]
+
+    def run(self) -> list[CallOutcome]:
+        if len(self.calls) <= 1:
+            return [drive(call()) for call in self.calls]
+        # One waiting thread per call, so every call starts now: the step takes as long as its
+        # slowest deadline, not one deadline per wave. The tools themselves run on the tool pool.
+        with concurrent.futures.ThreadPoolExecutor(len(self.calls)) as waiters:
+            return list(waiters.map(lambda call: drive(call()), self.calls))
+
+    async def arun(self) -> list[CallOutcome]:
+        # Async tools run on the event loop; sync ones on the tool pool (see `tools.execution`).
+        return list(await asyncio.gather(*(adrive(call()) for call in self.calls)))
+
+
+def _run_ready(rnd: _Round, spec: AgentSpec) -> Steps[int]:
     """Run the calls that passed every check, all at once (they are independent by construction:
     the model asked for them together), on the graph's tool pool and within the turn's deadline;
     record their outcomes in call order. Returns how many ran without succeeding."""
     facts = rnd.now()
     deadline = spec.turn_deadline(rnd.state.get("started"))
 
-    def run(item: tuple[BaseTool, str, dict[str, Any], str]) -> CallOutcome:
+    def run(item: tuple[BaseTool, str, dict[str, Any], str]) -> Steps[CallOutcome]:
         tool, call_id, args, _ = item
         ledger = spec.ledger_for(tool)
         with running_in(spec.tool_pool, deadline):
             if ledger is None:
-                return run_tool_call(tool, call_id, args)
-            return run_once(tool, call_id, args, facts, ledger)
+                return (yield from calling(tool, call_id, args))
+            return (yield from calling_once(tool, call_id, args, facts, ledger))
 
     for tool, call_id, _, _ in rnd.ready:  # emitted here: the tool threads have no run context
         emit(ToolStarted(keelgraph="phase", phase="tool_started", name=tool.name, call_id=call_id))
-    if len(rnd.ready) <= 1:
-        outcomes = [run(item) for item in rnd.ready]
-    else:
-        # One waiting thread per call, so every call starts now: the step takes as long as its
-        # slowest deadline, not one deadline per wave. The tools themselves run on `spec.tool_pool`.
-        with concurrent.futures.ThreadPoolExecutor(len(rnd.ready)) as waiters:
-            outcomes = list(waiters.map(run, rnd.ready))
+    outcomes: list[CallOutcome] = yield _Together([functools.partial(run, item) for item in rnd.ready])
     failed_runs = 0
     for (_, call_id, args, raw), outcome in zip(rnd.ready, outcomes, strict=True):
         status: Literal["success", "error"] = "success" if outcome.ok else "error"
@@ -224,7 +240,17 @@ def _out_of_time(rnd: _Round, spec: AgentSpec) -> dict[str, Any] | None:
 
 
 def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
-    """Run the tool calls of the last step; every problem goes back to the model as a tool message."""
+    """Run the tool calls of the last step; every problem goes back to the model as a tool message.
+    `aact`, the node of async runs, runs async tools on the event loop."""
+    return drive(_acting(state, spec))
+
+
+async def aact(state: State, *, spec: AgentSpec) -> dict[str, Any]:
+    """`act`, with async tools run on the running event loop."""
+    return await adrive(_acting(state, spec))
+
+
+def _acting(state: State, spec: AgentSpec) -> Steps[dict[str, Any]]:
     state = with_history(state, spec)
     last = state["messages"][-1]
     assert isinstance(last, AIMessage)
@@ -248,7 +274,7 @@ def act(state: State, *, spec: AgentSpec) -> dict[str, Any]:
         for tool, call_id, _, _ in rnd.ready:
             rnd.refuse(call_id, tool.name, OUT_OF_TIME_REPLY.format(limit=spec.turn_timeout_s))
         rnd.ready = []
-    failed_runs = _run_ready(rnd, spec)
+    failed_runs = yield from _run_ready(rnd, spec)
     ran = rnd.stats["tool_calls"] - before + failed_runs
     order = {call["id"]: i for i, call in enumerate(last.tool_calls)}
     rnd.replies.sort(key=lambda m: order.get(getattr(m, "tool_call_id", None), len(order)))

@@ -10,6 +10,9 @@ import httpx
 import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_core.tools import BaseTool
+
+# LangGraph's node runnable with a sync and an async body (langchain's create_agent uses it too).
+from langgraph._internal._runnable import RunnableCallable
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.store.base import BaseStore
@@ -18,13 +21,13 @@ from langgraph.types import Checkpointer
 from keelgraph.contracts.contract import Contract
 from keelgraph.contracts.decision import ANSWER, Strategy
 from keelgraph.contracts.errors import UserError
-from keelgraph.graphs.act import act, route_after_act
+from keelgraph.graphs.act import aact, act, route_after_act
 from keelgraph.graphs.approve import approve
-from keelgraph.graphs.check import check_output, route_after_check
+from keelgraph.graphs.check import acheck_output, check_output, route_after_check
 from keelgraph.graphs.confirm import confirm
 from keelgraph.graphs.events import reported
 from keelgraph.graphs.prompt import tool_args_schema
-from keelgraph.graphs.reason import reason, route_after_reason
+from keelgraph.graphs.reason import areason, reason, route_after_reason
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, InputState, OutputState, State
 from keelgraph.graphs.validate import route_after_input, validate_input
@@ -296,10 +299,14 @@ def graph_builder(
     # a node whose update ends the turn streams the `output` and `final` events (`graphs.events`).
     builder.add_node("validate_input", traced("validate_input", reported(partial(validate_input, spec=spec))))
     # No retry_policy: the node retries and fails over itself (see `model_call.ask`), once per request.
-    builder.add_node("reason", traced("reason", reported(partial(reason, spec=spec))))
+    # The model step, the tool calls and the checks are written once as steps
+    # (`keelgraph.contracts.suspend`): an async run (`ainvoke`, `astream`, LangGraph server) awaits
+    # the model, async tools and async checks on its event loop; the other nodes run on LangGraph's
+    # executor threads there.
+    builder.add_node("reason", _both("reason", reason, areason, spec))
     builder.add_node("approve", traced("approve", partial(approve, spec=spec)))
-    builder.add_node("act", traced("act", reported(partial(act, spec=spec))))
-    builder.add_node("check_output", traced("check_output", reported(partial(check_output, spec=spec))))
+    builder.add_node("act", _both("act", act, aact, spec))
+    builder.add_node("check_output", _both("check_output", check_output, acheck_output, spec))
     builder.add_node("confirm", traced("confirm", reported(partial(confirm, spec=spec))))
     builder.add_edge(START, "validate_input")
     builder.add_conditional_edges("validate_input", route_after_input)
@@ -309,6 +316,20 @@ def graph_builder(
     builder.add_conditional_edges("check_output", route_after_check)
     builder.add_edge("confirm", END)
     return builder
+
+
+def _both(
+    name: str, sync: Any, asynchronous: Any, spec: AgentSpec, *, report: bool = True
+) -> RunnableCallable:
+    """A node with a sync and an async body: `invoke` runs the one, `ainvoke` the other. LangGraph's
+    `RunnableCallable` (as LangChain's `create_agent` uses it) reads the arguments to inject
+    (`runtime`, `config`) from the sync body's signature; both bodies take the same ones."""
+    return RunnableCallable(
+        traced(name, reported(partial(sync, spec=spec))),
+        traced(name, reported(partial(asynchronous, spec=spec))),
+        name=name,
+        trace=False,
+    )
 
 
 def _default_cache() -> ModelCache:

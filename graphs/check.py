@@ -13,6 +13,7 @@ from keelgraph.contracts.contract import CheckContext, Contract, OutputInvalid, 
 from keelgraph.contracts.decision import ANSWER, AnswerChoice, DecisionError, read_decision
 from keelgraph.contracts.errors import Problem
 from keelgraph.contracts.parsing import ParseError, parse_json
+from keelgraph.contracts.suspend import Steps, adrive, drive
 from keelgraph.graphs.events import Repairing, emit, problems_of
 from keelgraph.graphs.model_call import cache_write, without_reply
 from keelgraph.graphs.prompt import kind_of, tagged
@@ -20,7 +21,7 @@ from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, State, Stats
 from keelgraph.graphs.turn import exhausted, failed, new_attempt, turn_facts, with_history, zero_stats
 
-__all__ = ["CORRECTION", "check_context", "check_output", "route_after_check", "ship"]
+__all__ = ["CORRECTION", "acheck_output", "check_context", "check_output", "route_after_check", "ship"]
 
 CORRECTION = (
     "A reply to this request was rejected:\n{problems}\n"
@@ -94,9 +95,9 @@ def _write_in(answer: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 def _judge(
     contract: Contract[Any, Any], output: Any, ctx: CheckContext[Any], attempts: list[dict[str, Any]]
-) -> tuple[list[Problem], Review]:
+) -> Steps[tuple[list[Problem], Review]]:
     """Every problem of a parsed answer: the built-in checks, its choices, the contract's checks."""
-    review = contract.review(output, ctx)
+    review = yield from contract.reviewing(output, ctx)
     return [
         *_builtin_checks(output.model_dump_json(), attempts),
         *contract.choice_problems(output, ctx),
@@ -110,14 +111,14 @@ def _computed_in(
     ctx: CheckContext[Any],
     review: Review,
     attempts: list[dict[str, Any]],
-) -> Any | None:
+) -> Steps[Any | None]:
     """The answer with the checks' computed values written in, when that alone satisfies every check
     (None otherwise): a value the system computed is not asked of the model (`keelgraph.Computed`)."""
     try:
         patched = contract.parse_output(_write_in(output.model_dump(mode="json"), review.computed))
     except OutputInvalid:
         return None
-    problems, _ = _judge(contract, patched, ctx, attempts)
+    problems, _ = yield from _judge(contract, patched, ctx, attempts)
     return None if problems else patched
 
 
@@ -169,7 +170,16 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
 
     Values the checks computed (`keelgraph.Computed`) are written in when they are all that is
     wrong, and pinned in the repair's grammar otherwise. An answer with `judgement` fields goes to
-    `confirm` before it ships."""
+    `confirm` before it ships. `acheck_output`, the node of async runs, awaits async checks."""
+    return drive(_checking(state, runtime, spec))
+
+
+async def acheck_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) -> dict[str, Any]:
+    """`check_output`, awaiting async checks on the running event loop."""
+    return await adrive(_checking(state, runtime, spec))
+
+
+def _checking(state: State, runtime: Runtime[Context], spec: AgentSpec) -> Steps[dict[str, Any]]:
     contract = spec.contract
     pending = state.get("pending") or {}
     stats: Stats = {**zero_stats(), **state.get("stats", {})}
@@ -194,11 +204,11 @@ def check_output(state: State, runtime: Runtime[Context], *, spec: AgentSpec) ->
     review = Review([])
     if output is not None:
         ctx = check_context(state, runtime, contract, spec)
-        problems, review = _judge(contract, output, ctx, state.get("attempts", []))
+        problems, review = yield from _judge(contract, output, ctx, state.get("attempts", []))
         kind = "check"
         only_computed = problems and review.computed_only and len(problems) == len(review.problems)
         if only_computed and (
-            patched := _computed_in(contract, output, ctx, review, state.get("attempts", []))
+            patched := (yield from _computed_in(contract, output, ctx, review, state.get("attempts", [])))
         ):
             output, problems = patched, []
             stats["recoveries"] += 1

@@ -19,6 +19,7 @@ and take the answer from the `output` event only.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict, TypeGuard, TypeVar
@@ -270,6 +271,17 @@ def finished(update: Mapping[str, Any]) -> None:
 def reported(node: F) -> F:
     """`node`, emitting the `output` and `final` events when its update ends the turn (the graph's
     every way to end: rejected, failed, shipped, replayed). Keeps `node`'s signature."""
+
+    if inspect.iscoroutinefunction(node):
+
+        @functools.wraps(node)
+        async def arun(*args: Any, **kwargs: Any) -> Any:
+            update = await node(*args, **kwargs)
+            if isinstance(update, Mapping):
+                finished(update)
+            return update
+
+        return arun  # type: ignore[return-value]
 
     @functools.wraps(node)
     def run(*args: Any, **kwargs: Any) -> Any:

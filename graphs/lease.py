@@ -44,30 +44,31 @@ thread, and a run that finds such a write under it is refused at its next checkp
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import ChannelVersions, Checkpoint, CheckpointMetadata, CheckpointTuple
 from langgraph.checkpoint.sqlite import SqliteSaver
-from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
 from keelgraph.contracts.errors import ThreadBusy, UserError
 
 if TYPE_CHECKING:
     import sqlite3
 
-    import aiosqlite
-
 __all__ = ["LEASE_KEY", "AsyncLeasedSqliteSaver", "Hold", "LeasePolicy", "LeasedSqliteSaver", "holder_alive"]
+
+_T = TypeVar("_T")
 
 LEASE_KEY = "__keelgraph_lease"
 """The run's `Hold` in its config's `configurable` ("__": LangGraph keeps it out of checkpoint metadata)."""
@@ -468,59 +469,57 @@ class LeasedSqliteSaver(SqliteSaver):
                 raise
 
 
-class _TaskLock:
-    """An asyncio lock that the task holding it may take again: a fenced write holds the saver's
-    lock for its whole transaction, and LangGraph's own `aput` inside it takes the lock too."""
+class AsyncLeasedSqliteSaver(LeasedSqliteSaver):
+    """`LeasedSqliteSaver` for async runs (`keelgraph.graphs.persistence.async_checkpointer`): each
+    async call runs the sync saver's method whole on one worker thread of its own.
 
-    def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self._owner: asyncio.Task[Any] | None = None
-        self._depth = 0
+    LangGraph's `AsyncSqliteSaver` goes through aiosqlite, one thread hop per statement: with the
+    lease's fence (a transaction, the lease row, the latest checkpoint, the write, the renewal) a
+    turn took 151 hops against plain LangGraph's 37, and the hops, not SQLite, were the cost. Here a
+    write is one hop, its statements run back to back under the saver's lock, and the sync API
+    works from any thread (a `get_state` in async code included). Waiting for a busy thread's
+    lease stays on the event loop (`asyncio.sleep` between tries), so a waiting run never holds the
+    worker that the lease's holder writes through.
 
-    async def __aenter__(self) -> None:
-        task = asyncio.current_task()
-        if task is not None and self._owner is task:
-            self._depth += 1
-            return
-        await self._lock.acquire()
-        self._owner, self._depth = task, 1
+    >>> import sqlite3
+    >>> saver = AsyncLeasedSqliteSaver(sqlite3.connect(":memory:", check_same_thread=False))
+    >>> saver.close()
+    """
 
-    async def __aexit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self._owner = None
-            self._lock.release()
+    def __init__(self, conn: sqlite3.Connection, *, policy: LeasePolicy | None = None, **kwargs: Any) -> None:
+        super().__init__(conn, policy=policy, **kwargs)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keelgraph-sqlite")
 
+    def close(self) -> None:
+        """Stop the worker thread (the connection is its opener's to close)."""
+        self._worker.shutdown(wait=True)
 
-class AsyncLeasedSqliteSaver(AsyncSqliteSaver):
-    """The async twin of `LeasedSqliteSaver` (`keelgraph.graphs.persistence.async_checkpointer`)."""
-
-    def __init__(
-        self, conn: aiosqlite.Connection, *, policy: LeasePolicy | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(conn, **kwargs)
-        self.lock = cast("asyncio.Lock", _TaskLock())
-        self.policy = policy or LeasePolicy.from_settings()
-        self._lease = _Lease(self.policy)
-
-    async def setup(self) -> None:
-        if self.is_setup:
-            return
-        await super().setup()
-        async with self.lock:
-            await self.conn.execute(_SQLITE_SCHEMA)
-            await self.conn.commit()
+    async def _run(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         if entry := _entry(config):
             thread, addressed, durability = entry
             owner = await self._lease.aclaim(
-                lambda owner, hold_s: self._try_claim(thread, owner, hold_s),
+                lambda owner, hold_s: self._run(self._try_claim, thread, owner, hold_s),
                 thread,
                 self.policy.claim_hold(durability),
             )
             _claimed(config, thread, owner, addressed)
-        return await super().aget_tuple(config)
+        return await self._run(SqliteSaver.get_tuple, self, config)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        found = await self._run(lambda: list(self.list(config, filter=filter, before=before, limit=limit)))
+        for item in found:
+            yield item
 
     async def aput(
         self,
@@ -529,67 +528,17 @@ class AsyncLeasedSqliteSaver(AsyncSqliteSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        async with self._fenced(config, checkpoint=checkpoint):
-            return await super().aput(config, checkpoint, metadata, new_versions)
+        return await self._run(self.put, config, checkpoint, metadata, new_versions)
 
     async def aput_writes(
         self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str = ""
     ) -> None:
-        async with self._fenced(config, writes=writes):
-            await super().aput_writes(config, writes, task_id, task_path)
+        await self._run(self.put_writes, config, writes, task_id, task_path)
 
-    async def _row(self, thread: str) -> _Row | None:
-        async with self.conn.execute(_SQLITE_ROW, (thread,)) as cur:
-            found = await cur.fetchone()
-        return _Row(*found) if found else None
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._run(self.delete_thread, thread_id)
 
-    async def _try_claim(self, thread: str, owner: str, hold_s: float) -> float | None:
-        await self.setup()
-        async with self.lock:  # looked at first without the write lock, as `LeasedSqliteSaver` does
-            left = self._lease.busy_for(await self._row(thread), owner, time.time())
-        if left is not None:
-            return left
-        async with self.lock:
-            await self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time()
-                left = self._lease.busy_for(await self._row(thread), owner, now)
-                if left is None:
-                    await self.conn.execute(_SQLITE_SET, (thread, owner, now + hold_s, None))
-                await self.conn.commit()
-            except BaseException:
-                await self.conn.rollback()
-                raise
-        return left
-
-    @asynccontextmanager
-    async def _fenced(
-        self,
-        config: RunnableConfig,
-        *,
-        checkpoint: Checkpoint | None = None,
-        writes: Sequence[tuple[str, Any]] = (),
-    ) -> AsyncIterator[None]:
-        thread = str(config["configurable"]["thread_id"])
-        await self.setup()
-        async with self.lock:
-            await self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                now = time.time()
-                row = await self._row(thread)
-                latest: str | type[_Unknown] | None = _Unknown
-                if _needs_latest(config, thread, checkpoint, writes):
-                    async with self.conn.execute(_LATEST.format(p="?"), (thread,)) as cur:
-                        top = await cur.fetchone()
-                    latest = top[0] if top else None
-                after = self._lease.fence(
-                    row, config, now, latest=latest, checkpoint=checkpoint, writes=writes
-                )
-                if after is not None:  # before LangGraph's write, which commits the transaction
-                    await self.conn.execute(_SQLITE_SET, (thread, *after))
-                yield
-                if self.conn.in_transaction:
-                    await self.conn.commit()
-            except BaseException:
-                await self.conn.rollback()
-                raise
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, Any]:
+        return await self._run(self.get_delta_channel_history, config=config, channels=channels)

@@ -8,9 +8,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
@@ -20,6 +20,7 @@ from langchain_core.tools import BaseTool
 from keelgraph.contracts.decision import ANSWER, Strategy, decision_schema, grammar_safe, inline_refs
 from keelgraph.contracts.errors import ModelUnavailable
 from keelgraph.contracts.repair import RepairPlan
+from keelgraph.contracts.suspend import Invoke, Sleep, Steps, drive
 from keelgraph.graphs.events import draft_config
 from keelgraph.graphs.prompt import render, system_prompt, tool_args_schema
 from keelgraph.graphs.spec import AgentSpec
@@ -41,9 +42,11 @@ from keelgraph.tools.execution import allowed_values, policy_of
 __all__ = [
     "DECISIVE_REPAIR_TEMPERATURE",
     "REPAIR_TEMPERATURE",
+    "Asked",
     "CacheNote",
     "allowed_tools",
     "ask",
+    "asking",
     "bind",
     "cache_write",
     "first_position",
@@ -266,13 +269,13 @@ def without_reply(entries: Sequence[dict[str, Any]], message_id: str | None) -> 
 _LEAKED = re.compile(r"^\s*functions\.([A-Za-z0-9_.\-]+):?\s*(\{.*\})?\s*$", re.DOTALL)
 
 
-def _leaked_call(reply: BaseMessage, names: set[str], pinned: Callable[[str], BaseMessage]) -> BaseMessage:
+def _leaked_call(reply: BaseMessage, names: set[str]) -> BaseMessage | str:
     """A tool call the endpoint wrote as text, made a tool call.
 
     With `tool_choice="auto"`, llama-cpp-python's `chatml-function-calling` handler can return the
     call's own syntax as the message text (`functions.get_order:`, with or without the arguments).
     Arguments present: they become the call. Only the name (one of `names`): the model chose that
-    tool, so it is asked again with the choice pinned to it (`pinned(name)`, one more request).
+    tool, and the name is returned, to ask again with the choice pinned to it (one more request).
     Any other text is left as it is.
     """
     if not isinstance(reply, AIMessage) or not isinstance(reply.content, str):
@@ -290,7 +293,7 @@ def _leaked_call(reply: BaseMessage, names: set[str], pinned: Callable[[str], Ba
             call = {"name": name, "args": args, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "tool_call"}
             return AIMessage("", tool_calls=[call], usage_metadata=reply.usage_metadata,
                              response_metadata=reply.response_metadata)  # fmt: skip
-    return pinned(name)
+    return name
 
 
 @dataclass(frozen=True)
@@ -310,14 +313,17 @@ class _Request:
                    choice=choice)  # fmt: skip
         return out if self.heat is None else out.bind(temperature=self.heat)
 
-    def invoke(
+    def invoking(
         self, bound: Runnable[LanguageModelInput, BaseMessage], prompt: list[BaseMessage]
-    ) -> BaseMessage:
-        reply = bound.invoke(prompt, draft_config())  # streamed tokens are drafts (`graphs.events`)
+    ) -> Steps[BaseMessage]:
+        reply = yield Invoke(bound, prompt, draft_config())  # streamed tokens are drafts (`graphs.events`)
         if self.strategy == "tool_calling" and isinstance(reply, AIMessage) and not reply.tool_calls:
             names = {t.name for t in self.allowed} | ({ANSWER} if self.final or not self.allowed else set())
-            reply = _leaked_call(reply, names, lambda tool: self.bound(tool).invoke(prompt, draft_config()))
-        return reply
+            found = _leaked_call(reply, names)
+            reply = (
+                (yield Invoke(self.bound(found), prompt, draft_config())) if isinstance(found, str) else found
+            )
+        return cast(BaseMessage, reply)
 
 
 def _probe_choice(
@@ -354,6 +360,10 @@ def _retry_wait(
     return wait
 
 
+Asked = tuple[BaseMessage, list[ModelAttempt], CacheNote]
+"""The reply, every request it took, and how the cache took part."""
+
+
 def ask(
     state: State,
     spec: AgentSpec,
@@ -363,7 +373,21 @@ def ask(
     *,
     final: bool = True,
     temperature: float | None = None,
-) -> tuple[BaseMessage, list[ModelAttempt], CacheNote]:
+) -> Asked:
+    """`asking`, blocking."""
+    return drive(asking(state, spec, answer, allowed, plan, final=final, temperature=temperature))
+
+
+def asking(
+    state: State,
+    spec: AgentSpec,
+    answer: dict[str, Any],
+    allowed: list[BaseTool],
+    plan: RepairPlan | None = None,
+    *,
+    final: bool = True,
+    temperature: float | None = None,
+) -> Steps[Asked]:
     """One model call, with every request it took, answered from the response cache if it holds
     the identical call (see `keelgraph.runtime.cache`).
 
@@ -374,7 +398,8 @@ def ask(
     strategy chain; any other error is raised as it is. A repair's `plan` (see `_repair_plan`)
     gives the answer schema the output format is bound with; the prompt describes `answer`. With
     `final=False` (and tools allowed) the model may only call a tool (`Contract.needs_tool`). A
-    `temperature` overrides the repair rule's (`repair_temperature`).
+    `temperature` overrides the repair rule's (`repair_temperature`). As steps
+    (`keelgraph.contracts.suspend`): `ask` runs it blocking, the async `reason` node awaiting.
     """
     chain = spec.chain
     schemas = offered_schemas(state, allowed)
@@ -401,7 +426,7 @@ def ask(
                 if cached is not None:
                     hit = _record(name, position, began)
                     return cached, [{**hit, "outcome": "cached"}], note
-                reply = request.invoke(bound, prompt)
+                reply = yield from request.invoking(bound, prompt)
             except Exception as exc:
                 if not probed and _probe_choice(exc, strategy, allowed, model):
                     probed = probing = True
@@ -424,7 +449,7 @@ def ask(
                 if wait is None:
                     break
                 tried[-1]["wait_s"] = round(wait, 3)
-                time.sleep(wait)
+                yield Sleep(wait)
                 continue
             if probing:
                 _log.warning('keelgraph: %s refused tool_choice="required"; asking with "auto" now', name)

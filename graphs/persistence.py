@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
-import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -26,23 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
-from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from langgraph.checkpoint.sqlite import SqliteSaver
 from langgraph.store.base import BaseStore, IndexConfig
 
 from keelgraph._sqlite import connect, pragmas
-from keelgraph.contracts.boundary import (
-    BIG_INT_MARK,
-    CYCLE_MARK,
-    DEEP_MARK,
-    INT64_MAX,
-    INT64_MIN,
-    UNSTORABLE,
-    Limits,
-    safe_value,
-)
 from keelgraph.contracts.errors import UserError
 from keelgraph.graphs.lease import AsyncLeasedSqliteSaver, LeasedSqliteSaver, LeasePolicy
+from keelgraph.graphs.serde import StorableSerializer
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -69,131 +57,6 @@ StoreIndex = IndexConfig | Literal["auto"] | None
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 # WAL plus NORMAL keeps every committed turn across a process crash and costs one fsync per
 # checkpoint batch instead of several; the busy timeout lets several processes share the file.
-
-
-class StorableSerializer(JsonPlusSerializer):
-    """LangGraph's serializer, except that plain data it cannot store is stored as its safe copy.
-
-    A value enters a checkpoint before any node can look at it (a run's input, a resume value):
-    integers past 64 bits, lone surrogates and nesting deeper than msgpack goes would make the
-    stock serializer raise and leave the thread at `running`. Those leaves are written instead as
-    decimal text, U+FFFD and a marker; keelgraph's nodes refuse such values by field, so nothing
-    changed this way is ever accepted as valid data.
-    """
-
-    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
-        obj = _bounded(obj)
-        checkpoint = isinstance(obj, dict) and "channel_values" in obj
-        # msgpack stores a lone surrogate without complaint, and it reads back as another character:
-        # a value that changes on its way through the checkpoint is treated as one it cannot store.
-        if not _has_surrogate(obj):
-            try:
-                return super().dumps_typed(obj)
-            except (TypeError, ValueError, UnicodeError, RecursionError, OverflowError):
-                pass
-        if checkpoint:  # keep what it can store
-            return super().dumps_typed(self._storable(obj, 0, set()))
-        # A single written value (a run's input, a resume value): stored as a record that no node
-        # accepts, never as a cleaned-up copy that could pass where the value itself was refused (a
-        # refused decision replayed on a later resume would otherwise read as a valid one).
-        record = {UNSTORABLE: {"type": type(obj).__name__, "preview": safe_value(obj, _PREVIEW)[0]}}
-        return super().dumps_typed(record)
-
-    def _storable(self, value: Any, depth: int, path: set[int]) -> Any:
-        """`value` with what a checkpoint cannot store replaced by safe text: lone surrogates by
-        U+FFFD, integers past 64 bits, objects the serializer refuses, cycles and nesting past
-        `_STORE_DEPTH` by markers. What it can store (messages, say) is left as it is."""
-        if depth > _STORE_DEPTH:
-            return DEEP_MARK
-        if isinstance(value, str):
-            return _SURROGATE.sub("\ufffd", value)
-        if isinstance(value, bool) or value is None or isinstance(value, float):
-            return value
-        if isinstance(value, int):
-            return value if INT64_MIN <= value <= INT64_MAX else BIG_INT_MARK.format(digits=_digits(value))
-        if isinstance(value, (dict, list, tuple)):
-            if id(value) in path:
-                return CYCLE_MARK
-            inner = path | {id(value)}
-            if isinstance(value, dict):
-                return {self._storable_key(k): self._storable(v, depth + 1, inner) for k, v in value.items()}
-            return [self._storable(v, depth + 1, inner) for v in value]
-        try:
-            super().dumps_typed(value)
-        except Exception:
-            return f"<{type(value).__name__}: not storable>"
-        return value
-
-    def _storable_key(self, key: Any) -> Any:
-        if isinstance(key, str):
-            return _SURROGATE.sub("\ufffd", key)
-        if (
-            key is None
-            or isinstance(key, (bool, float))
-            or (isinstance(key, int) and INT64_MIN <= key <= INT64_MAX)
-        ):
-            return key
-        return f"<{type(key).__name__} key>"
-
-
-_STORE_DEPTH = 100
-_PREVIEW = Limits(max_depth=8, max_chars=2_000, max_string_chars=500, max_items=20)
-STORE_MAX_CHARS = 1_000_000
-"""No text longer than this is written to a checkpoint. Nothing keelgraph keeps comes near it (tool
-results are cut at `max_stored_chars`, requests over `Contract.max_request_chars` are refused): a
-longer one is a refused request on its way in (the run's input, its first write), stored as its
-size, SHA-256 and first characters."""
-NOT_STORED = "<{size:,} characters not stored (over {limit:,}); sha256 {sha256}; it began: {prefix}>"
-
-
-def _bounded(obj: Any, depth: int = 0) -> Any:
-    """`obj` with text over `STORE_MAX_CHARS` replaced by `NOT_STORED`, looked for where a run's
-    input lands: the value itself (a write), or plain dicts up to four levels down (a checkpoint's
-    `channel_values["__start__"]["request"]`). Copies only what it changes."""
-    if isinstance(obj, str):
-        return _not_stored(obj) if len(obj) > STORE_MAX_CHARS else obj
-    if depth >= _SCAN_DEPTH or type(obj) is not dict:
-        return obj
-    changed = {}
-    for key, value in obj.items():
-        if isinstance(value, (str, dict)) and (new := _bounded(value, depth + 1)) is not value:
-            changed[key] = new
-    return {**obj, **changed} if changed else obj
-
-
-_SCAN_DEPTH = 4
-
-
-def _not_stored(text: str) -> str:
-    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
-    prefix = _SURROGATE.sub("\ufffd", text[:200])
-    return NOT_STORED.format(size=len(text), limit=STORE_MAX_CHARS, sha256=digest, prefix=prefix)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _has_surrogate(obj: Any, budget: int = 100_000) -> bool:
-    """Whether plain data in `obj` (text, and dicts, lists and tuples of it, objects not entered)
-    holds a lone surrogate; iterative, and gives up (False) after `budget` values."""
-    stack = [obj]
-    seen = 0
-    while stack and seen < budget:
-        value = stack.pop()
-        seen += 1
-        if isinstance(value, str):
-            if not value.isascii() and _SURROGATE.search(value):
-                return True
-        elif isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            stack.extend(value)
-    return False
-
-
-def _digits(value: int) -> int:
-    return int(abs(value).bit_length() * 0.30103) + 1
 
 
 def sqlite_checkpointer(path: str | Path, *, lease: LeasePolicy | None = None) -> SqliteSaver:
@@ -229,9 +92,10 @@ def default_target(kind: Kind = "threads", *, env: Mapping[str, str] | None = No
 async def async_checkpointer(
     target: str | Path | None = None, *, lease: LeasePolicy | None = None
 ) -> AsyncIterator[BaseCheckpointSaver[Any]]:
-    """An async checkpointer, set up and closed on exit: an `AsyncSqliteSaver` on a file (tuned as
-    `sqlite_checkpointer`) or an `AsyncPostgresSaver` on a connection pool for a `postgresql://` URL;
-    either lets one run at a time write a thread (`keelgraph.graphs.lease`).
+    """An async checkpointer, set up and closed on exit: on a file, `sqlite_checkpointer`'s saver
+    with each call run whole on a worker thread of its own (`lease.AsyncLeasedSqliteSaver`); for a
+    `postgresql://` URL an `AsyncPostgresSaver` on a connection pool. Either lets one run at a time
+    write a thread (`keelgraph.graphs.lease`).
 
     >>> import asyncio, tempfile
     >>> async def main(path: str) -> str:
@@ -243,10 +107,14 @@ async def async_checkpointer(
     """
     backend, where = _resolve(target, "threads")
     if backend == "sqlite":
-        async with _aiosqlite_connect(where) as conn:
-            saver = AsyncLeasedSqliteSaver(conn, serde=StorableSerializer(), policy=lease)
-            await saver.setup()
+        conn = _sqlite_connect(where)
+        saver = AsyncLeasedSqliteSaver(conn, serde=StorableSerializer(), policy=lease)
+        try:
+            await saver._run(saver.setup)
             yield saver
+        finally:
+            saver.close()
+            conn.close()
         return
     from keelgraph.graphs._postgres_lease import AsyncLeasedPostgresSaver
 

@@ -19,19 +19,20 @@ from keelgraph.contracts.decision import ANSWER, AnswerChoice, DecisionError, in
 from keelgraph.contracts.errors import Problem
 from keelgraph.contracts.parsing import ParseError, parse_json
 from keelgraph.contracts.repair import RepairPlan, pin_values, repair_plan
+from keelgraph.contracts.suspend import Steps, adrive, drive
 from keelgraph.graphs.approve import awaiting_approval
 from keelgraph.graphs.budgets import account, over_budget
 from keelgraph.graphs.check import check_context
 from keelgraph.graphs.events import Decision, ModelFinished, ModelStarted, emit
 from keelgraph.graphs.history import dangling_calls
-from keelgraph.graphs.model_call import allowed_tools, ask
+from keelgraph.graphs.model_call import allowed_tools, asking
 from keelgraph.graphs.prompt import current_turn, kind_of, tagged
 from keelgraph.graphs.spec import AgentSpec
 from keelgraph.graphs.state import Context, State, Stats
 from keelgraph.graphs.turn import failed, with_history, zero_stats
 from keelgraph.tools.execution import policy_of
 
-__all__ = ["reason", "route_after_reason"]
+__all__ = ["areason", "reason", "route_after_reason"]
 
 _log = logging.getLogger("keelgraph")
 NO_TOOL_RESULT = (
@@ -45,17 +46,29 @@ def reason(state: State, runtime: Runtime[Context] | None = None, *, spec: Agent
     """Ask the model for its next step and read it as a tool call or a candidate answer.
 
     A step with tool calls records which of them wait for a person (`awaiting_approval`), so the
-    router after this node reads state only.
+    router after this node reads state only. `areason` is the same node for async runs
+    (`ainvoke`, `astream`, LangGraph server): it awaits the model instead of holding a thread.
     """
+    return drive(_reasoning(state, runtime, spec))
+
+
+async def areason(
+    state: State, runtime: Runtime[Context] | None = None, *, spec: AgentSpec
+) -> dict[str, Any]:
+    """`reason`, awaiting the model (`ainvoke`) on the running event loop."""
+    return await adrive(_reasoning(state, runtime, spec))
+
+
+def _reasoning(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> Steps[dict[str, Any]]:
     state = with_history(state, spec)
     # The thread must be valid before a provider sees it: a call without a result (a crash, an
     # edit of the state) gets one that says so, kept in the thread.
     repairs = dangling_calls(current_turn(state.get("messages", [])))
     if repairs:
-        out = _reason({**state, "messages": [*state.get("messages", []), *repairs]}, runtime, spec)
+        out = yield from _reason({**state, "messages": [*state.get("messages", []), *repairs]}, runtime, spec)
         out = {**out, "messages": [*repairs, *out.get("messages", [])]}
     else:
-        out = _reason(state, runtime, spec)
+        out = yield from _reason(state, runtime, spec)
     step = (out.get("messages") or [None])[-1]
     if "usage" in out:  # the model answered (a step that failed before asking it has no usage)
         emit(_model_finished(out, step))
@@ -161,7 +174,7 @@ def _answered_early(raw: str, allowed: list[BaseTool]) -> dict[str, Any]:
     return {"problems": [problem.model_dump()], "kind": "no_tool", "raw": raw}
 
 
-def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> dict[str, Any]:
+def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> Steps[dict[str, Any]]:
     stats: Stats = {**zero_stats(), **state.get("stats", {})}
     if stats["model_calls"] + stats["cache_hits"] >= spec.max_model_calls:
         return failed(
@@ -189,7 +202,7 @@ def _reason(state: State, runtime: Runtime[Context] | None, spec: AgentSpec) -> 
         )
     tool_first, allowed = _tool_first(state, spec, allowed, fetched=fetched)
     emit(_model_started(state, stats))
-    reply, tried, note = ask(
+    reply, tried, note = yield from asking(
         state, spec, answer, allowed, _repair_plan(state, spec, answer), final=not tool_first
     )
     ai = reply if isinstance(reply, AIMessage) else AIMessage(str(reply.content))

@@ -54,6 +54,11 @@ def check_memory_report(report: dict[str, Any], out: Path, stem: str, stdout: st
         assert f"{at10['ms']:.1f}" in stdout
     assert f"| {report['backend']}, 12 turns | plain LangGraph | keelgraph |" in stdout
     assert "bytes/turn @ turn 10" in stdout and "turns/s, 4 threads x 2 turns (async)" in stdout
+    # The same concurrent turns with a model that takes 200 ms, awaited: both sides finished them.
+    assert "turns/s, 4 threads x 2 turns, model answering in 200 ms" in stdout
+    for variant in ("plain", "keelgraph"):
+        assert report["variants"][variant]["slow_model"]["turns_per_s"] > 0
+    assert "keelgraph/plain turns/s, slow model:" in stdout
     assert (out / f"{stem}.md").read_text().strip() == stdout.strip()
     assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

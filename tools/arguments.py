@@ -15,6 +15,7 @@ validated the same way before anything runs:
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -46,12 +47,18 @@ def args_schema(tool: BaseTool) -> dict[str, Any]:
     """
     declared = tool.args_schema
     if isinstance(declared, Mapping):
-        schema = dict(declared)
-    elif isinstance(declared, type) and issubclass(declared, BaseModel):
-        schema = declared.model_json_schema()
-    else:
-        schema = cast(type[BaseModel], tool.get_input_schema()).model_json_schema()
-    return inline_refs(schema)
+        return inline_refs(dict(declared))
+    # A Pydantic model's schema is built once per model (pydantic takes about 0.6 ms each time, and
+    # every step asks for every offered tool's); each caller gets its own copy to narrow.
+    model = declared if isinstance(declared, type) and issubclass(declared, BaseModel) else None
+    model = model or cast(type[BaseModel], tool.get_input_schema())
+    text = _SCHEMAS.get(model)
+    if text is None:
+        text = _SCHEMAS[model] = json.dumps(inline_refs(model.model_json_schema()))
+    return cast(dict[str, Any], json.loads(text))
+
+
+_SCHEMAS: weakref.WeakKeyDictionary[type[BaseModel], str] = weakref.WeakKeyDictionary()
 
 
 def _unknown(args: Mapping[str, Any], schema: Mapping[str, Any]) -> list[Problem]:

@@ -8,11 +8,12 @@ from typing import Any
 
 from langchain_core.tools import BaseTool
 
-from keelgraph.tools.execution import CallOutcome, fence, policy_of, run_tool_call
+from keelgraph.contracts.suspend import Steps, drive
+from keelgraph.tools.execution import CallOutcome, calling, fence, policy_of
 from keelgraph.tools.gate import TurnFacts
 from keelgraph.tools.ledger import EffectLedger, default_key
 
-__all__ = ["ALREADY_DONE", "CUT_OFF", "done_before", "effect_key", "run_once"]
+__all__ = ["ALREADY_DONE", "CUT_OFF", "calling_once", "done_before", "effect_key", "run_once"]
 
 _log = logging.getLogger("keelgraph")
 
@@ -51,7 +52,15 @@ def run_once(
     A call done before is replayed from the ledger; one that was started but never reported back
     is not repeated unless the tool is `idempotent`; a call refused or raising forgets its record
     (nothing happened); a timeout keeps it `started` (the abandoned call may still take effect).
+    `calling_once` is the same as steps, for async runs.
     """
+    return drive(calling_once(tool, call_id, args, facts, ledger))
+
+
+def calling_once(
+    tool: BaseTool, call_id: str, args: dict[str, Any], facts: TurnFacts, ledger: EffectLedger
+) -> Steps[CallOutcome]:
+    """`run_once` as steps (`keelgraph.contracts.suspend`)."""
     policy = policy_of(tool)
     key = effect_key(tool, args, facts)
     found = ledger.lookup(key)
@@ -66,7 +75,7 @@ def run_once(
         reason = CUT_OFF.format(tool=tool.name)
         return CallOutcome.failed(call_id, tool.name, args, kind="tool_error", reason=reason, fix=CUT_OFF_FIX)
     ledger.begin(key, tool.name, args, facts.thread_id)
-    outcome = run_tool_call(tool, call_id, args, effect_key=key)
+    outcome = yield from calling(tool, call_id, args, effect_key=key)
     if outcome.ok:
         ledger.finish(key, outcome.output)
     elif outcome.kind in {"tool_args", "tool_error"}:

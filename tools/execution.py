@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from keelgraph.contracts.boundary import ROOT, Limits, safe_value
 from keelgraph.contracts.errors import Problem, UserError
+from keelgraph.contracts.suspend import Sleep, Steps, drive
 from keelgraph.tools.arguments import validate_args
 from keelgraph.tools.errors import short_reason
 from keelgraph.tools.identity import Identity
@@ -32,6 +33,7 @@ __all__ = [
     "Scope",
     "SideEffect",
     "ToolPolicy",
+    "calling",
     "fence",
     "needs_approval",
     "policy_of",
@@ -363,9 +365,54 @@ def _attempt_call(
     return {"timeout": True}
 
 
+async def _aattempt_call(
+    tool: BaseTool, args: dict[str, Any], timeout_s: float, key: str | None, pool: ToolPool
+) -> dict[str, Any]:
+    """`_attempt_call` from an event loop. An async tool runs on the loop itself, as a task
+    cancelled at its deadline (one that ignores the cancellation is abandoned after
+    `CANCEL_GRACE_S`); a sync tool runs on `pool` as always, waited for from a helper thread."""
+    is_async = getattr(tool, "func", None) is None and getattr(tool, "coroutine", None) is not None
+    if not is_async:
+        return await asyncio.to_thread(_attempt_call, tool, args, timeout_s, key, pool)
+
+    async def call() -> Any:
+        with running_with_key(key):
+            return await tool.ainvoke(args)
+
+    task = asyncio.ensure_future(call())
+    done, _ = await asyncio.wait({task}, timeout=max(timeout_s, 0.0))
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+        return {"timeout": True}
+    try:
+        return {"output": task.result()}
+    except (asyncio.CancelledError, TimeoutError):
+        return {"timeout": True}
+    except Exception as exc:  # a tool's failure is reported to the model, not raised
+        return {"error": exc}
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One try of a call under its deadline, as an `Op` (`keelgraph.contracts.suspend`)."""
+
+    tool: BaseTool
+    args: dict[str, Any]
+    timeout_s: float
+    key: str | None
+    pool: ToolPool
+
+    def run(self) -> dict[str, Any]:
+        return _attempt_call(self.tool, self.args, self.timeout_s, self.key, self.pool)
+
+    async def arun(self) -> dict[str, Any]:
+        return await _aattempt_call(self.tool, self.args, self.timeout_s, self.key, self.pool)
+
+
 def _tries(
     tool: BaseTool, args: dict[str, Any], key: str | None, pool: ToolPool, deadline: float | None
-) -> tuple[dict[str, Any], int, float]:
+) -> Steps[tuple[dict[str, Any], int, float]]:
     """The tries of one call, retried by its policy, none past `deadline`: the last try's box (empty
     when the deadline passed before the first), how many were made and the last one's deadline."""
     policy = policy_of(tool)
@@ -379,14 +426,14 @@ def _tries(
             if timeout_s <= 0:
                 break
         number += 1
-        box = _attempt_call(tool, args, timeout_s, key, pool)
+        box = yield _Attempt(tool, args, timeout_s, key, pool)
         error = box.get("error")
         if number == tries or not isinstance(error, policy.retry_on):
             break
         wait = backoff.delay(number, retry_after=retry_after(error))
         if wait is None or (deadline is not None and time.time() + wait >= deadline):
             break  # the service asks for longer than the policy (or the turn) waits
-        time.sleep(wait)
+        yield Sleep(wait)
     return box, number, timeout_s
 
 
@@ -408,8 +455,22 @@ def run_tool_call(
     `effect_key` is what `keelgraph.tools.effect_key()` returns inside the tool. The call runs on
     `pool` and ends by `deadline` (epoch seconds); by default those of the enclosing
     `keelgraph.tools.pool.running_in` block (a graph's act node), else a pool shared by calls made
-    outside a graph, and no deadline but the tool's.
+    outside a graph, and no deadline but the tool's. `calling` is the same as steps, for async runs.
     """
+    return drive(calling(tool, call_id, args, effect_key=effect_key, pool=pool, deadline=deadline))
+
+
+def calling(
+    tool: BaseTool,
+    call_id: str,
+    args: dict[str, Any],
+    *,
+    effect_key: str | None = None,
+    pool: ToolPool | None = None,
+    deadline: float | None = None,
+) -> Steps[CallOutcome]:
+    """`run_tool_call` as steps (`keelgraph.contracts.suspend`): driven from an event loop, an async
+    tool runs on the loop and a retry's pause is an `asyncio.sleep`."""
     policy = policy_of(tool)
     problems = validate_args(tool, args)
     if problems:
@@ -428,7 +489,7 @@ def run_tool_call(
     pool = pool if pool is not None else found_pool
     deadline = deadline if deadline is not None else found_deadline
     started = time.perf_counter()
-    box, number, timeout_s = _tries(tool, args, effect_key, pool, deadline)
+    box, number, timeout_s = yield from _tries(tool, args, effect_key, pool, deadline)
     seconds = time.perf_counter() - started
     if not box:  # the turn's time ran out before the first try
         reason = TURN_SPENT.format(tool=tool.name)

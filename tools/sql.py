@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from langchain_core.tools import BaseTool, StructuredTool
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keelgraph.contracts.errors import UserError
@@ -40,10 +40,12 @@ _OTHER_DATABASES = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
 _TRANSACTIONS = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
 
 
-class SQLError(ValueError):
+class SQLError(ValueError, ToolException):
     """A statement the database refused, or stopped: `reason` says why and `fix` what to send instead.
 
     The SQL tools raise it, so `run_tool_call` hands the message to the model as its next prompt.
+    It is a `ToolException` (a message written for the model), so it is shown whole: redacting it
+    like an arbitrary exception would cut the fix at its first SQL keyword ("only [redacted]").
 
     >>> str(SQLError("no such column: nmae", "did you mean name?"))
     'no such column: nmae; did you mean name?'

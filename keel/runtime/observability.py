@@ -34,6 +34,7 @@ To send the records somewhere of your choice, as JSON lines:
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -70,41 +71,69 @@ def traced(name: str, fn: F, *, tracer_provider: Any = None) -> F:
     GraphInterrupt and every other exception are recorded, then raised again unchanged.
     """
 
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def anode(*args: Any, **kwargs: Any) -> Any:
+            run = _Run(name, tracer_provider, args, kwargs)
+            with run:
+                return run.done(await fn(*args, **kwargs))
+
+        return anode  # type: ignore[return-value]
+
     @functools.wraps(fn)
     def node(*args: Any, **kwargs: Any) -> Any:
-        fields = _run_fields(name)
-        started = time.perf_counter()
-        with _span(name, tracer_provider) as span:
-            try:
-                update = fn(*args, **kwargs)
-            except GraphInterrupt:
-                fields["outcome"] = "interrupt"
-                raise
-            except BaseException as exc:
-                fields["outcome"] = "error"
-                fields["error"] = type(exc).__name__
-                if span is not None:
-                    span.record_exception(exc)
-                    span.set_status(otel_trace.StatusCode.ERROR, type(exc).__name__)  # type: ignore[union-attr]
-                raise
-            else:
-                fields.update(_update_fields(args[0] if args else kwargs.get("state"), update))
-                return update
-            finally:
-                fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
-                if span is not None:
-                    span.set_attributes(
-                        {f"keelgraph.{k}": v for k, v in fields.items() if isinstance(v, str | int | float)}
-                    )
-                LOGGER.info(
-                    "node %s %s in %.1f ms",
-                    name,
-                    fields.get("outcome"),
-                    fields["duration_ms"],
-                    extra={"keelgraph": fields},
-                )
+        run = _Run(name, tracer_provider, args, kwargs)
+        with run:
+            return run.done(fn(*args, **kwargs))
 
     return node  # type: ignore[return-value]
+
+
+class _Run:
+    """One node run's record and span: entered before the node, left after it (see `traced`)."""
+
+    def __init__(
+        self, name: str, tracer_provider: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.name = name
+        self.state = args[0] if args else kwargs.get("state")
+        self.fields = _run_fields(name)
+        self.started = time.perf_counter()
+        self._span_cm = _span(name, tracer_provider)
+        self.span: Any = None
+
+    def __enter__(self) -> _Run:
+        self.span = self._span_cm.__enter__()
+        return self
+
+    def done(self, update: Any) -> Any:
+        self.fields.update(_update_fields(self.state, update))
+        return update
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        fields, span = self.fields, self.span
+        if exc is not None and isinstance(exc, GraphInterrupt):
+            fields["outcome"] = "interrupt"
+        elif exc is not None:
+            fields["outcome"] = "error"
+            fields["error"] = type(exc).__name__
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(otel_trace.StatusCode.ERROR, type(exc).__name__)  # type: ignore[union-attr]
+        fields["duration_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
+        if span is not None:
+            span.set_attributes(
+                {f"keelgraph.{k}": v for k, v in fields.items() if isinstance(v, str | int | float)}
+            )
+        LOGGER.info(
+            "node %s %s in %.1f ms",
+            self.name,
+            fields.get("outcome"),
+            fields["duration_ms"],
+            extra={"keelgraph": fields},
+        )
+        self._span_cm.__exit__(kind, exc, tb)
 
 
 def _run_fields(name: str) -> dict[str, Any]:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field
+
+from keelgraph.contracts.suspend import run_sync
 
 __all__ = ["ScriptExhausted", "ScriptedChatModel", "answer", "call"]
 
@@ -64,6 +68,25 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
+        return self._reply(messages, self._entry(messages, kwargs))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        """The same script on the event loop: a function entry that is a coroutine function is
+        awaited, any other function runs on an executor thread (it may block), the rest inline."""
+        item = self._entry(messages, kwargs, call=False)
+        if inspect.iscoroutinefunction(item):
+            item = await item(list(messages))
+        elif callable(item) and not isinstance(item, BaseException):
+            item = await asyncio.get_running_loop().run_in_executor(None, item, list(messages))
+        return self._reply(messages, item)
+
+    def _entry(self, messages: list[BaseMessage], kwargs: dict[str, Any], *, call: bool = True) -> Any:
         index = len(self.calls)
         self.calls.append({"messages": list(messages), "kwargs": kwargs})
         if index >= len(self.script):
@@ -73,8 +96,14 @@ class ScriptedChatModel(BaseChatModel):
                 )
             index = len(self.script) - 1
         item = self.script[index]
-        if callable(item) and not isinstance(item, BaseException):
+        if call and callable(item) and not isinstance(item, BaseException):
             item = item(list(messages))
+            if inspect.isawaitable(item):
+                item = run_sync(item)
+        return item
+
+    @staticmethod
+    def _reply(messages: list[BaseMessage], item: Any) -> ChatResult:
         if isinstance(item, BaseException):
             raise item
         if isinstance(item, AIMessage):
