@@ -409,6 +409,16 @@ def test_run_tool_call_reports_a_bad_query_as_an_error_outcome(shop: Path) -> No
         assert (outcome.ok, outcome.kind) == (False, "tool_args"), args
 
 
+def test_the_model_reads_a_refusal_whole_with_its_fix(shop: Path) -> None:
+    """A refusal names SQL keywords in its fix; it must not be redacted like a foreign exception."""
+    tool = by_name(shop)["sql_query"]
+    refused = run_tool_call(tool, "c1", {"sql": "DELETE FROM orders"})
+    assert refused.content == f"ERROR: sql_query failed: SQLError: {READ_ONLY}."
+    schema = run_tool_call(by_name(shop, writable=True)["sql_execute"], "c2", {"sql": "DROP TABLE orders"})
+    assert "[redacted]" not in schema.content
+    assert "use INSERT, UPDATE or DELETE on the existing tables" in schema.content
+
+
 def test_values_come_back_json_serialisable(tmp_path: Path) -> None:
     db = make_db(
         tmp_path / "v.db",
