@@ -333,3 +333,16 @@ def test_install_hints_name_commands_that_work() -> None:
     for folder in ("keel", "contracts", "tools", "graphs", "apps"):
         for path in (ROOT / folder).rglob("*.py"):
             assert not bare.search(path.read_text()), path
+
+
+def test_ctrl_c_exits_130_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keelgraph.commands import cli
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_history", interrupted)
+    assert main(["history", "--thread", "t"]) == ExitCode.INTERRUPTED == 130
+    assert capsys.readouterr().err == "keelgraph: interrupted\n"
